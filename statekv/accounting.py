@@ -1,0 +1,199 @@
+"""FLOP counts and memory readings: every number users see is computed here.
+
+Conventions (CONTRACTS.md): FLOPs = multiply-adds x 2. Linear layers cost 2 x in x out per
+token. Attention for a chunk of T queries over C carried keys costs, per layer,
+4 x heads x head_dim x (T x C + T(T+1)/2): QK^T and PV over exactly the keys each query may
+see (carried keys all, the chunk's own keys causally). StateKV's mass pass is one more
+QK^T-sized pass, half of that.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class LMShape:
+    """The numbers of a language model that its prefill FLOPs depend on."""
+
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    linear_params: int  # sum of in x out over the decoder layers' linear maps (all layers)
+
+    @classmethod
+    def from_model(cls, language_model: nn.Module, text_config: Any) -> "LMShape":
+        layers = getattr(language_model, "layers", None)
+        modules = layers.modules() if layers is not None else language_model.modules()
+        linear = sum(m.in_features * m.out_features for m in modules if isinstance(m, nn.Linear))
+        return cls._with(text_config, linear)
+
+    @classmethod
+    def from_config(cls, text_config: Any) -> "LMShape":
+        """Estimate from a config alone (no weights): attention + gated MLP projections."""
+        hidden = text_config.hidden_size
+        shape = cls._with(text_config, 0)
+        attention = hidden * shape.head_dim * (2 * shape.heads + 2 * shape.kv_heads)
+        mlp = 3 * hidden * text_config.intermediate_size
+        return cls._with(text_config, shape.layers * (attention + mlp))
+
+    @classmethod
+    def _with(cls, cfg: Any, linear_params: int) -> "LMShape":
+        heads = cfg.num_attention_heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+        kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+        return cls(cfg.num_hidden_layers, heads, kv_heads, head_dim, int(linear_params))
+
+    def kv_bytes_per_token(self, element_size: int) -> int:
+        """Detailed-cache bytes per token over all layers (keys and values)."""
+        return 2 * self.layers * self.kv_heads * self.head_dim * element_size
+
+
+def linear_flops(shape: LMShape, tokens: int) -> int:
+    """Linear-layer FLOPs of `tokens` tokens through every decoder layer."""
+    return 2 * shape.linear_params * tokens
+
+
+def attention_flops(shape: LMShape, queries: int, carried: int) -> int:
+    """QK^T + PV FLOPs of a chunk of `queries` tokens over `carried` earlier keys, all layers."""
+    visible = queries * carried + queries * (queries + 1) // 2
+    return 4 * shape.heads * shape.head_dim * visible * shape.layers
+
+
+def mass_flops(shape: LMShape, queries: int, carried: int) -> int:
+    """The extra QK^T pass StateKV runs to measure each key's attention mass."""
+    return attention_flops(shape, queries, carried) // 2
+
+
+def chunk_flops(shape: LMShape, queries: int, carried: int, mass: bool) -> int:
+    """LM prefill FLOPs of one chunk as it actually ran."""
+    flops = linear_flops(shape, queries) + attention_flops(shape, queries, carried)
+    return flops + (mass_flops(shape, queries, carried) if mass else 0)
+
+
+def full_prefill_flops(shape: LMShape, chunk_tokens: list[int]) -> int:
+    """What ordinary causal attention would cost over the same chunks."""
+    total, seen = 0, 0
+    for tokens in chunk_tokens:
+        total += chunk_flops(shape, tokens, seen, mass=False)
+        seen += tokens
+    return total
+
+
+# vision ----------------------------------------------------------------------------------
+def _register_cpu_sdpa_formula() -> None:
+    # torch has no FLOP formula for the CPU flash kernel, so the counter would see 0 for
+    # vision attention on the CPU; give it the same formula as the CUDA kernels.
+    from torch.utils import flop_counter
+
+    op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    if op in flop_counter.flop_registry or op.default in flop_counter.flop_registry:
+        return
+
+    @flop_counter.register_flop_formula(op)
+    def _cpu_sdpa(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+        return flop_counter.sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def count_flops(fn, *args, **kwargs) -> tuple[Any, int]:
+    """Run `fn` under torch's FLOP counter; return (result, FLOPs)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    _register_cpu_sdpa_formula()
+    with FlopCounterMode(display=False) as counter:
+        result = fn(*args, **kwargs)
+    return result, int(counter.get_total_flops())
+
+
+# memory ----------------------------------------------------------------------------------
+def rss_bytes() -> int:
+    """Current resident set size of this process."""
+    try:
+        import psutil
+
+        return int(psutil.Process(os.getpid()).memory_info().rss)
+    except ImportError:  # pragma: no cover - psutil is a dependency
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class PeakMemory:
+    """Peak memory during a block, above the level just before it began.
+
+    On CUDA: max allocated bytes. On the CPU: process RSS sampled by a thread every ~10 ms,
+    so methods run one after another in one process do not inherit each other's peak.
+    """
+
+    def __init__(self, device: torch.device | str = "cpu", interval: float = 0.01) -> None:
+        self.cuda = torch.device(device).type == "cuda"
+        self.interval = interval
+        self.baseline = 0
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._started = False
+
+    def __enter__(self) -> "PeakMemory":
+        """Start (or resume) sampling; the baseline is the level at the first start."""
+        first = not self._started
+        self._started = True
+        if self.cuda:
+            torch.cuda.synchronize()
+            if first:
+                torch.cuda.reset_peak_memory_stats()
+                self.baseline = torch.cuda.memory_allocated()
+            return self
+        if first:
+            self.baseline = self.peak = rss_bytes()
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.peak = max(self.peak, rss_bytes())
+
+    def current(self) -> int:
+        """Bytes in use now (RSS, or CUDA allocated)."""
+        return torch.cuda.memory_allocated() if self.cuda else rss_bytes()
+
+    def peak_bytes(self) -> int:
+        """Peak so far above the baseline."""
+        if self.cuda:
+            return max(0, torch.cuda.max_memory_allocated() - self.baseline)
+        self.peak = max(self.peak, rss_bytes())
+        return max(0, self.peak - self.baseline)
+
+    def __exit__(self, *exc) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self._thread = None
+        self.peak_bytes()
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued GPU work so wall-clock readings mean what they say."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Stopwatch:
+    """Accumulates wall-clock seconds (after CUDA synchronisation) under named keys."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.seconds: dict[str, float] = {}
+
+    def add(self, key: str, started: float) -> None:
+        synchronize(self.device)
+        self.seconds[key] = self.seconds.get(key, 0.0) + time.perf_counter() - started

@@ -1,0 +1,101 @@
+"""Find a checkpoint (local directory or Hugging Face cache) and load it for statekv."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from statekv.errors import ModelError, UsageError
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """'auto' picks CUDA, then Apple MPS, then the CPU."""
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if device not in ("cpu", "cuda", "mps") and not device.startswith("cuda:"):
+        raise UsageError(f"unknown device {device!r}; use auto, cpu, cuda, cuda:N or mps")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """'auto' is bfloat16 on GPUs that support it and float32 elsewhere."""
+    if dtype == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    if dtype not in DTYPES:
+        raise UsageError(f"unknown dtype {dtype!r}; use auto, float32, bfloat16 or float16")
+    return DTYPES[dtype]
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+
+
+def resolve_checkpoint(model: str, revision: str | None = None) -> str:
+    """A local directory as is; a hub id from the local cache first, downloaded only if allowed."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelError(f"{model} is a directory but has no config.json: not a checkpoint")
+        return str(path)
+    if path.suffix or model.startswith((".", "/", "~")):
+        raise ModelError(f"model directory not found: {model}")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(model, revision=revision, local_files_only=True)
+    except Exception:
+        if _offline():
+            raise ModelError(
+                f"model {model} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; "
+                f"fetch it first on a connected machine: huggingface-cli download {model}"
+            ) from None
+    try:
+        return snapshot_download(model, revision=revision)
+    except Exception as exc:
+        raise ModelError(
+            f"could not download {model} ({type(exc).__name__}); check the id, your network, "
+            f"or download it with: huggingface-cli download {model}"
+        ) from None
+
+
+def read_config(checkpoint: str, trust_remote_code: bool = False) -> Any:
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(checkpoint, trust_remote_code=trust_remote_code)
+    except Exception as exc:
+        raise ModelError(f"cannot read the model config in {checkpoint}: {exc}") from None
+
+
+def load_model(checkpoint: str, device: torch.device, dtype: torch.dtype,
+               trust_remote_code: bool = False) -> tuple[Any, Any, Any]:
+    """(config, model, processor) loaded with the text model on statekv's attention."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    import statekv.attention  # noqa: F401  (registers the attention function)
+
+    config = read_config(checkpoint, trust_remote_code)
+    try:
+        processor = AutoProcessor.from_pretrained(checkpoint, trust_remote_code=trust_remote_code)
+        model = AutoModelForImageTextToText.from_pretrained(
+            checkpoint, dtype=dtype, trust_remote_code=trust_remote_code,
+            attn_implementation={"text_config": "statekv", "vision_config": "sdpa"},
+        )
+    except (OSError, ValueError, ImportError) as exc:
+        raise ModelError(f"failed to load {checkpoint}: {exc}") from None
+    model.to(device).eval()
+    return config, model, processor

@@ -1,0 +1,135 @@
+"""The adapter contract: what the engine needs from a model family, and nothing more.
+
+The engine (prefill.py, answer.py) only ever sees `ChunkInputs`: embeddings, position ids
+and family-specific keyword arguments for the language model, one chunk at a time. Each
+family turns frames and text into those in its own file, so that 1-D positions (InternVL),
+3-D M-RoPE ids computed once and sliced per chunk (Qwen), temporal patches of two frames
+(Qwen), timestamp text between frames (Qwen3-VL, SmolVLM) and visual features injected into
+early decoder layers (Qwen3-VL DeepStack, through `lm_kwargs`) all fit without the engine
+knowing which family it runs.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+QUESTION_SENTINEL = "\u0000QUESTION\u0000"
+
+
+@dataclass
+class ChunkInputs:
+    """One chunk, ready for the language model."""
+
+    token_ids: list[int]  # the chunk's token ids, as the family's processor lays them out
+    inputs_embeds: torch.Tensor  # (1, tokens, hidden)
+    position_ids: torch.Tensor  # (1, tokens) or (3, 1, tokens) for M-RoPE
+    frames: int = 0  # video frames in this chunk (0 for text)
+    lm_kwargs: dict[str, Any] = field(default_factory=dict)  # e.g. DeepStack features
+
+    @property
+    def tokens(self) -> int:
+        return len(self.token_ids)
+
+
+@dataclass(frozen=True)
+class PromptPieces:
+    """The chat template split around the video: prefix, video, then question suffix."""
+
+    prefix: str  # everything before the video (system prompt, user turn start)
+    suffix: str  # everything after the video, with QUESTION_SENTINEL where the question goes
+
+    def question_text(self, question: str) -> str:
+        return self.suffix.replace(QUESTION_SENTINEL, question)
+
+
+class VideoAdapter(ABC):
+    """A model family: processor, vision tower, language model, prompt layout, positions."""
+
+    family: ClassVar[str]
+    model_types: ClassVar[tuple[str, ...]]  # config.model_type values this adapter serves
+    frames_per_unit: ClassVar[int] = 1  # frames in the smallest chunk (2 for temporal patches)
+
+    def __init__(self, model: nn.Module, processor: Any) -> None:
+        self.model = model
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+
+    # what the engine reads ------------------------------------------------------------
+    @property
+    @abstractmethod
+    def language_model(self) -> nn.Module:
+        """The decoder stack (no LM head) that the chunks run through."""
+
+    @property
+    def text_config(self) -> Any:
+        return self.model.config.get_text_config()
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.language_model.parameters()).dtype
+
+    def vision_modules(self) -> list[nn.Module]:
+        """Modules whose FLOPs count as vision (tower and projector)."""
+        return []
+
+    def eos_token_ids(self) -> set[int]:
+        ids = self.model.generation_config.eos_token_id
+        ids = [ids] if isinstance(ids, int) else list(ids or [])
+        if self.tokenizer.eos_token_id is not None:
+            ids.append(self.tokenizer.eos_token_id)
+        return set(ids)
+
+    @abstractmethod
+    def tokens_per_frame(self, height: int | None = None, width: int | None = None) -> int:
+        """Visual tokens of one frame (Qwen families depend on the frame size)."""
+
+    def decode_size(self, height: int, width: int) -> tuple[int, int] | None:
+        """(width, height) to decode frames at, close to what the processor needs."""
+        return None
+
+    def refusal(self) -> str | None:
+        """Why this checkpoint cannot be served by chunked prefill, or None."""
+        cfg = self.text_config
+        if getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", False):
+            return "its language model uses sliding-window attention layers"
+        if "sliding_attention" in (getattr(cfg, "layer_types", None) or []):
+            return "its language model uses sliding-window attention layers"
+        return None
+
+    # the per-video work --------------------------------------------------------------
+    @abstractmethod
+    def prompt(self, system_prompt: str | None = None) -> PromptPieces:
+        """Split the family's chat template around the video."""
+
+    @abstractmethod
+    def start(self, frame_count: int, timestamps: tuple[float, ...], prompt: PromptPieces) -> int:
+        """Prepare for one video; return the total tokens of prefix + all frames."""
+
+    @abstractmethod
+    def prefix_chunk(self) -> ChunkInputs:
+        """The text before the video (position offset 0)."""
+
+    @abstractmethod
+    def video_chunk(self, frames: Any, first: int, offset: int) -> ChunkInputs:
+        """A run of frames starting at plan position `first`, placed at token `offset`."""
+
+    @abstractmethod
+    def text_chunk(self, text: str, offset: int) -> ChunkInputs:
+        """Text after the video (question, or generated tokens) at token `offset`."""
+
+    @abstractmethod
+    def token_chunk(self, token_ids: list[int], offset: int) -> ChunkInputs:
+        """Already-tokenised text after the video (generated tokens) at token `offset`."""
+
+    def embed(self, token_ids: list[int]) -> torch.Tensor:
+        ids = torch.tensor([token_ids], dtype=torch.long, device=self.device)
+        return self.model.get_input_embeddings()(ids)

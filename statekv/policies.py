@@ -1,0 +1,135 @@
+"""Carried-state policies: which past key/value entries a chunk may attend to during prefill.
+
+Each policy is a small frozen dataclass. The base class turns per-entry scores into the
+indices to keep (top-k, original order kept), so a policy only says how it scores and how
+much it keeps. `recency` policies keep a contiguous tail of the history, which lets the
+cache serve them as views of the detailed cache with no gathering at all.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from statekv.errors import UsageError
+
+
+@dataclass(frozen=True)
+class Policy:
+    """Base: keep the `capacity` entries with the highest scores, in their original order."""
+
+    name: ClassVar[str] = "policy"
+    needs_mass: ClassVar[bool] = False  # scores come from attention mass (computed only then)
+    recency: ClassVar[bool] = True  # kept entries are always the most recent ones
+    pins_prefix: ClassVar[bool] = False  # the text prefix stays visible outside the capacity
+
+    @property
+    def capacity(self) -> int | None:
+        """Most entries carried per layer and KV head; None means unbounded."""
+        return None
+
+    def scores(self, mass: torch.Tensor | None, positions: torch.Tensor) -> torch.Tensor:
+        """Higher is kept first; by default the most recent entries win."""
+        return positions.to(torch.float32)
+
+    def select(self, mass: torch.Tensor | None, positions: torch.Tensor) -> torch.Tensor:
+        """Indices (kv_heads, kept) of the entries to carry, sorted ascending.
+
+        mass: (kv_heads, candidates) float32 or None; positions: (kv_heads, candidates).
+        """
+        candidates = positions.shape[-1]
+        keep = candidates if self.capacity is None else min(self.capacity, candidates)
+        if keep == candidates:
+            return torch.arange(candidates, device=positions.device).expand(positions.shape[0], -1)
+        top = self.scores(mass, positions).topk(keep, dim=-1, sorted=False).indices
+        return top.sort(dim=-1).values
+
+    @property
+    def budget(self) -> int | None:
+        """The `--budget` this policy was given (None when it takes none)."""
+        return None
+
+
+@dataclass(frozen=True)
+class Full(Policy):
+    """Carry everything: ordinary causal attention, the accuracy reference (quadratic)."""
+
+    name: ClassVar[str] = "full"
+
+
+@dataclass(frozen=True)
+class Window(Policy):
+    """Carry the most recent `tokens` entries: the recency baseline (ReKV-style, the paper's "ReKV")."""
+
+    name: ClassVar[str] = "window"
+    tokens: int = 4096
+
+    def __post_init__(self) -> None:
+        if self.tokens < 1:
+            raise UsageError(f"window must be at least 1 token, got {self.tokens}")
+
+    @property
+    def capacity(self) -> int:
+        return self.tokens
+
+
+@dataclass(frozen=True)
+class StateKV(Policy):
+    """Carry the top-`budget` entries by attention mass per layer and KV head (arXiv 2605.31598)."""
+
+    name: ClassVar[str] = "statekv"
+    needs_mass: ClassVar[bool] = True
+    recency: ClassVar[bool] = False
+    tokens: int = 4096
+
+    def __post_init__(self) -> None:
+        if self.tokens < 1:
+            raise UsageError(f"--budget must be at least 1 token, got {self.tokens}")
+
+    @property
+    def capacity(self) -> int:
+        return self.tokens
+
+    @property
+    def budget(self) -> int:
+        return self.tokens
+
+    def scores(self, mass: torch.Tensor | None, positions: torch.Tensor) -> torch.Tensor:
+        assert mass is not None, "StateKV scores need the attention mass"
+        return mass
+
+
+@dataclass(frozen=True)
+class Isolated(Policy):
+    """Carry nothing but the text prefix: the floor for benchmarks, not for users' answers."""
+
+    name: ClassVar[str] = "isolated"
+    pins_prefix: ClassVar[bool] = True
+
+    @property
+    def capacity(self) -> int:
+        return 0
+
+
+METHODS: tuple[str, ...] = ("full", "window", "statekv", "isolated")
+
+
+def make_policy(
+    method: str, *, budget: int | None = None, window_tokens: int | None = None
+) -> Policy:
+    """The policy for a `--method` name; budget and window are in tokens."""
+    if method == "full":
+        return Full()
+    if method == "isolated":
+        return Isolated()
+    if method == "window":
+        if window_tokens is None:
+            raise UsageError("method 'window' needs a window size (--window-frames)")
+        return Window(tokens=int(window_tokens))
+    if method == "statekv":
+        if budget is None:
+            raise UsageError("method 'statekv' needs a budget (--budget)")
+        return StateKV(tokens=int(budget))
+    raise UsageError(f"unknown method {method!r}; choose one of: {', '.join(METHODS)}")

@@ -1,0 +1,197 @@
+"""The chunk loop: the language model prefills a video one chunk at a time (the hot path).
+
+Per chunk: frames -> vision tower -> language-model forward over the carried state (the
+cache returns [carried ; chunk] keys, the attention returns masses, the policy picks the next
+carried state) -> the chunk's keys/values stay in the detailed cache -> an event reports
+progress, FLOPs and memory. Nothing here grows with the history except the detailed cache.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Iterator
+
+import torch
+
+from statekv import accounting
+from statekv.attention import ATTENTION_NAME
+from statekv.cache import StateCache
+from statekv.models.base import ChunkInputs, PromptPieces, VideoAdapter
+from statekv.policies import Policy
+
+# transformers builds no mask when handed a prepared mapping; our attention applies causality.
+NO_MASK = {"full_attention": None, "sliding_attention": None}
+ANSWER_ROOM = 512  # tokens reserved after the video for a question and its answer
+
+
+@dataclass
+class PrefillEvent:
+    """Progress after one chunk (for live displays); FLOPs are cumulative."""
+
+    frames_done: int
+    frames_total: int
+    tokens_done: int
+    lm_prefill_flops: int
+    full_lm_prefill_flops: int
+    carried_tokens: int
+    elapsed_seconds: float
+    memory_bytes: int
+    peak_memory_bytes: int
+
+
+@dataclass
+class PrefillResult:
+    """What a prefill leaves behind: the cache to answer from and its measurements."""
+
+    cache: StateCache
+    prompt: PromptPieces
+    frames: int = 0
+    frame_timestamps: list[float] = field(default_factory=list)
+    chunk_tokens: list[int] = field(default_factory=list)
+    lm_prefill_flops: int = 0
+    full_lm_prefill_flops: int = 0
+    vision_flops: int = 0
+    seconds: dict[str, float] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+
+def forward_chunk(adapter: VideoAdapter, cache: StateCache, chunk: ChunkInputs) -> torch.Tensor:
+    """Run one chunk through the language model over the cache; returns hidden states."""
+    out = adapter.language_model(
+        inputs_embeds=chunk.inputs_embeds,
+        position_ids=chunk.position_ids,
+        past_key_values=cache,
+        use_cache=True,
+        attention_mask=NO_MASK,
+        statekv_cache=cache,
+        **chunk.lm_kwargs,
+    )
+    return out.last_hidden_state
+
+
+def ensure_attention(adapter: VideoAdapter) -> None:
+    """Route the text model's attention through statekv's function (vision keeps its own)."""
+    if adapter.text_config._attn_implementation != ATTENTION_NAME:
+        adapter.model.set_attn_implementation({"text_config": ATTENTION_NAME})
+
+
+class _Loop:
+    """State of one prefill: the cache, counters and the event callback."""
+
+    def __init__(self, adapter, policy, frames_total, reserve, attention, on_event, memory):
+        self.adapter = adapter
+        self.shape = accounting.LMShape.from_model(adapter.language_model, adapter.text_config)
+        self.cache = StateCache(policy, self.shape.layers, reserve + ANSWER_ROOM, attention)
+        self.frames_total = frames_total
+        self.on_event = on_event
+        self.memory = memory
+        self.watch = accounting.Stopwatch(adapter.device)
+        self.started = time.perf_counter()
+        self.result: PrefillResult | None = None
+        self.vision_flops_per_frame: float | None = None
+
+    def run_chunk(self, chunk: ChunkInputs) -> None:
+        result, cache = self.result, self.cache
+        carried = _visible_before(cache, chunk.tokens)
+        started = time.perf_counter()
+        forward_chunk(self.adapter, cache, chunk)
+        self.watch.add("lm_prefill_seconds", started)
+        mass = cache.policy.needs_mass and carried + chunk.tokens - cache.layers[0].pinned > (
+            cache.policy.capacity or 0)
+        result.lm_prefill_flops += accounting.chunk_flops(self.shape, chunk.tokens, carried, mass)
+        result.full_lm_prefill_flops += accounting.chunk_flops(
+            self.shape, chunk.tokens, sum(result.chunk_tokens), mass=False)
+        result.chunk_tokens.append(chunk.tokens)
+        result.frames += chunk.frames
+        self._emit()
+
+    def encode(self, frames, first: int) -> ChunkInputs:
+        offset = sum(self.result.chunk_tokens)
+        started = time.perf_counter()
+        if self.vision_flops_per_frame is None:
+            # Vision cost per frame is the same for every frame of a video: count it once.
+            chunk, flops = accounting.count_flops(self.adapter.video_chunk, frames, first, offset)
+            self.vision_flops_per_frame = flops / max(1, len(frames))
+        else:
+            chunk = self.adapter.video_chunk(frames, first, offset)
+        self.watch.add("vision_seconds", started)
+        self.result.vision_flops += round(self.vision_flops_per_frame * chunk.frames)
+        return chunk
+
+    def _emit(self) -> None:
+        if self.on_event is None:
+            return
+        r = self.result
+        self.on_event(PrefillEvent(
+            frames_done=r.frames, frames_total=self.frames_total, tokens_done=sum(r.chunk_tokens),
+            lm_prefill_flops=r.lm_prefill_flops, full_lm_prefill_flops=r.full_lm_prefill_flops,
+            carried_tokens=self.cache.carried_tokens,
+            elapsed_seconds=time.perf_counter() - self.started,
+            memory_bytes=self.memory.current() if self.memory else 0,
+            peak_memory_bytes=self.memory.peak_bytes() if self.memory else 0,
+        ))
+
+
+def _visible_before(cache: StateCache, chunk_tokens: int) -> int:
+    """Keys a chunk will see besides its own (pinned + carried), before it runs."""
+    layer = cache.layers[0]
+    policy = cache.policy
+    if policy.recency:
+        history = layer.seen - layer.pinned
+        capacity = history if policy.capacity is None else min(policy.capacity, history)
+        return layer.pinned + capacity
+    return layer.pinned + layer.carried_count
+
+
+def prefill(
+    adapter: VideoAdapter,
+    chunks: Iterable[Any],
+    policy: Policy,
+    *,
+    frame_count: int,
+    timestamps: tuple[float, ...],
+    system_prompt: str | None = None,
+    pin_prefix: bool = False,
+    attention: str = "sdpa",
+    on_event: Callable[[PrefillEvent], None] | None = None,
+    memory: accounting.PeakMemory | None = None,
+) -> PrefillResult:
+    """Prefill the prompt prefix and every chunk of frames; `chunks` yields FrameChunk-likes
+    (`.frames` uint8 (n, H, W, 3), `.first`, `.timestamps`, optional `.skipped`)."""
+    ensure_attention(adapter)
+    prompt = adapter.prompt(system_prompt)
+    reserve = adapter.start(frame_count, timestamps, prompt)
+    loop = _Loop(adapter, policy, frame_count, reserve, attention, on_event, memory)
+    loop.result = PrefillResult(cache=loop.cache, prompt=prompt)
+    with torch.inference_mode():
+        loop.run_chunk(adapter.prefix_chunk())
+        if pin_prefix or policy.pins_prefix:
+            loop.cache.pin(loop.result.chunk_tokens[0])
+        for frame_chunk in _timed(chunks, loop.watch):
+            _note_skipped(frame_chunk, loop.result.warnings)
+            loop.result.frame_timestamps.extend(frame_chunk.timestamps)
+            loop.run_chunk(loop.encode(frame_chunk.frames, frame_chunk.first))
+    loop.cache.finish_prefill()
+    loop.result.seconds = loop.watch.seconds
+    return loop.result
+
+
+def _timed(chunks: Iterable[Any], watch: accounting.Stopwatch) -> Iterator[Any]:
+    """Yield chunks, adding the time spent decoding them to `decode_seconds`."""
+    iterator = iter(chunks)
+    while True:
+        started = time.perf_counter()
+        try:
+            chunk = next(iterator)
+        except StopIteration:
+            return
+        watch.add("decode_seconds", started)
+        yield chunk
+
+
+def _note_skipped(frame_chunk: Any, warnings: list[str]) -> None:
+    skipped = getattr(frame_chunk, "skipped", ())
+    if skipped:
+        times = ", ".join(f"{t:.2f}s" for t in skipped)
+        warnings.append(f"skipped {len(skipped)} corrupt frame(s) at {times}")

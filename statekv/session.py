@@ -1,0 +1,277 @@
+"""The public Python API: load a model once, prefill a video once, ask many questions.
+
+    model = statekv.load("OpenGVLab/InternVL3-1B-hf")            # or a local directory
+    session = model.prefill("movie.mp4", method="statekv", budget=4096, max_frames=256)
+    answers = session.ask(["who enters the room?", "what colour is the car?"])
+    session.stats                                                 # FLOPs, seconds, memory
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from statekv import accounting, video
+from statekv.answer import Answer, answer_question, question_logits
+from statekv.errors import UsageError
+from statekv.loading import load_model, resolve_checkpoint, resolve_device, resolve_dtype
+from statekv.models import adapter_for
+from statekv.models.base import VideoAdapter
+from statekv.policies import make_policy
+from statekv.prefill import PrefillEvent, PrefillResult, prefill
+
+DEFAULT_BUDGET = 4096
+DEFAULT_WINDOW_FRAMES = 16
+
+
+@dataclass
+class Settings:
+    """Everything that decides a result (CONTRACTS.md `settings`)."""
+
+    model: str
+    model_revision: str | None
+    family: str
+    method: str
+    budget: int | None
+    window_frames: int | None
+    max_frames: int
+    fps: float | None
+    start: float | None
+    end: float | None
+    chunk_frames: int
+    dtype: str
+    device: str
+    max_new_tokens: int
+    seed: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class Stats:
+    """Measurements of one prefill and its answers (CONTRACTS.md `stats`)."""
+
+    frames: int = 0
+    frame_timestamps: list[float] = field(default_factory=list)
+    tokens_per_frame: int = 0
+    detailed_tokens: int = 0
+    carried_tokens: int = 0
+    prefills: int = 0
+    decode_seconds: float = 0.0
+    vision_seconds: float = 0.0
+    lm_prefill_seconds: float = 0.0
+    answer_seconds: float = 0.0
+    vision_flops: int = 0
+    lm_prefill_flops: int = 0
+    full_lm_prefill_flops: int = 0
+    peak_memory_bytes: int = 0
+    detailed_cache_bytes: int = 0
+    carried_cache_bytes: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class Session:
+    """One prefilled video: answer any number of questions from its detailed cache."""
+
+    def __init__(self, model: "Model", state: PrefillResult, settings: Settings,
+                 memory: accounting.PeakMemory, tokens_per_frame: int) -> None:
+        self.model = model
+        self.state = state
+        self.settings = settings
+        self.memory = memory
+        self.warnings: list[str] = list(state.warnings)
+        self._answer_seconds = 0.0
+        self._tokens_per_frame = tokens_per_frame
+
+    def ask(self, questions: str | Sequence[str], max_new_tokens: int | None = None) -> list[Answer]:
+        """Greedy answers to each question, all over the same prefilled video."""
+        questions = [questions] if isinstance(questions, str) else list(questions)
+        limit = max_new_tokens or self.settings.max_new_tokens
+        answers = []
+        with self.memory:
+            started = time.perf_counter()
+            for question in questions:
+                answers.append(answer_question(self.model.adapter, self.state, question, limit))
+            accounting.synchronize(self.model.device)
+            self._answer_seconds += time.perf_counter() - started
+        return answers
+
+    def question_logits(self, question: str) -> torch.Tensor:
+        """Logits (question tokens, vocab) after the video, e.g. to compare methods."""
+        return question_logits(self.model.adapter, self.state, question)
+
+    @property
+    def stats(self) -> Stats:
+        state, cache = self.state, self.state.cache
+        seconds = state.seconds
+        return Stats(
+            frames=state.frames,
+            frame_timestamps=[round(t, 6) for t in state.frame_timestamps],
+            tokens_per_frame=self._tokens_per_frame,
+            detailed_tokens=cache.detailed_tokens,
+            carried_tokens=cache.carried_tokens,
+            prefills=1,
+            decode_seconds=seconds.get("decode_seconds", 0.0),
+            vision_seconds=seconds.get("vision_seconds", 0.0),
+            lm_prefill_seconds=seconds.get("lm_prefill_seconds", 0.0),
+            answer_seconds=self._answer_seconds,
+            vision_flops=state.vision_flops,
+            lm_prefill_flops=state.lm_prefill_flops,
+            full_lm_prefill_flops=state.full_lm_prefill_flops,
+            peak_memory_bytes=self.memory.peak_bytes(),
+            detailed_cache_bytes=cache.detailed_bytes(),
+            carried_cache_bytes=cache.carried_tokens * cache.carried_bytes_per_token(),
+        )
+
+
+@dataclass
+class _Frames:
+    """A run of in-memory frames, shaped like video.FrameChunk."""
+
+    frames: np.ndarray
+    first: int
+    timestamps: tuple[float, ...]
+    skipped: tuple[float, ...] = ()
+
+
+class Model:
+    """A loaded checkpoint and its family adapter; reuse it for every video."""
+
+    def __init__(self, adapter: VideoAdapter, name: str, revision: str | None = None) -> None:
+        self.adapter = adapter
+        self.name = name
+        self.revision = revision
+
+    @property
+    def device(self) -> torch.device:
+        return self.adapter.device
+
+    @property
+    def family(self) -> str:
+        return self.adapter.family
+
+    def prefill(
+        self,
+        path: str,
+        *,
+        max_frames: int = 64,
+        fps: float | None = None,
+        start: float | None = None,
+        end: float | None = None,
+        backend: str = "auto",
+        **options: Any,
+    ) -> Session:
+        """Sample frames from a video file and prefill them (see `prefill_frames` for options)."""
+        info = video.probe(path)
+        plan = video.plan_frames(info, max_frames, fps=fps, start=start, end=end,
+                                 timestamps=video.frame_timestamps(path))
+        size = self.adapter.decode_size(info.height, info.width)
+        chunk_frames = self._chunk_frames(options.get("chunk_frames"))
+        chunks = video.iter_chunks(path, plan, chunk_frames, size=size, backend=backend)
+        tokens_per_frame = self.adapter.tokens_per_frame(*_hw(size, info))
+        sampling = dict(max_frames=max_frames, fps=fps, start=start, end=end)
+        return self._run(chunks, len(plan.indices), tuple(plan.timestamps), tokens_per_frame,
+                         sampling, **options)
+
+    def prefill_frames(
+        self, frames: np.ndarray, timestamps: Sequence[float] | None = None, **options: Any
+    ) -> Session:
+        """Prefill in-memory frames, uint8 (n, H, W, 3); options as for `prefill`."""
+        timestamps = tuple(float(t) for t in (timestamps if timestamps is not None
+                                              else range(len(frames))))
+        chunk_frames = self._chunk_frames(options.get("chunk_frames"))
+        chunks = (_Frames(frames[i:i + chunk_frames], i, timestamps[i:i + chunk_frames])
+                  for i in range(0, len(frames), chunk_frames))
+        tokens_per_frame = self.adapter.tokens_per_frame(frames.shape[1], frames.shape[2])
+        sampling = dict(max_frames=len(frames), fps=None, start=None, end=None)
+        return self._run(chunks, len(frames), timestamps, tokens_per_frame, sampling, **options)
+
+    def _chunk_frames(self, chunk_frames: int | None) -> int:
+        unit = self.adapter.frames_per_unit
+        chunk_frames = chunk_frames or unit
+        if chunk_frames < 1 or chunk_frames % unit:
+            raise UsageError(f"--chunk-frames must be a positive multiple of {unit} for "
+                             f"{self.family} models, got {chunk_frames}")
+        return chunk_frames
+
+    def _run(
+        self,
+        chunks: Iterable[Any],
+        frame_count: int,
+        timestamps: tuple[float, ...],
+        tokens_per_frame: int,
+        sampling: dict[str, Any],
+        *,
+        method: str = "statekv",
+        budget: int | None = None,
+        window_frames: int | None = None,
+        chunk_frames: int | None = None,
+        system_prompt: str | None = None,
+        pin_prefix: bool = False,
+        attention: str = "sdpa",
+        max_new_tokens: int = 128,
+        seed: int = 0,
+        on_event: Callable[[PrefillEvent], None] | None = None,
+    ) -> Session:
+        budget = (budget or DEFAULT_BUDGET) if method == "statekv" else None
+        window_frames = (window_frames or DEFAULT_WINDOW_FRAMES) if method == "window" else None
+        if window_frames is not None and window_frames < 1:
+            raise UsageError(f"--window-frames must be at least 1, got {window_frames}")
+        policy = make_policy(method, budget=budget,
+                             window_tokens=None if window_frames is None
+                             else window_frames * tokens_per_frame)
+        _seed(seed)
+        settings = Settings(
+            model=self.name, model_revision=self.revision, family=self.family, method=method,
+            budget=budget, window_frames=window_frames, chunk_frames=self._chunk_frames(chunk_frames),
+            dtype=str(self.adapter.dtype).removeprefix("torch."), device=str(self.device),
+            max_new_tokens=max_new_tokens, seed=seed, **sampling)
+        memory = accounting.PeakMemory(self.device)
+        with memory:
+            state = prefill(self.adapter, chunks, policy, frame_count=frame_count,
+                            timestamps=timestamps, system_prompt=system_prompt,
+                            pin_prefix=pin_prefix, attention=attention, on_event=on_event,
+                            memory=memory)
+        session = Session(self, state, settings, memory, tokens_per_frame)
+        chunk_tokens = max(state.chunk_tokens[1:], default=0)
+        if budget is not None and budget < chunk_tokens:
+            session.warnings.append(
+                f"budget {budget} is below one chunk's {chunk_tokens} tokens: each chunk "
+                f"carries less than itself forward")
+        return session
+
+
+def _hw(size: tuple[int, int] | None, info: Any) -> tuple[int, int]:
+    return (info.height, info.width) if size is None else (size[1], size[0])
+
+
+def _seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def load(model: str, *, device: str = "auto", dtype: str = "auto", revision: str | None = None,
+         trust_remote_code: bool = False) -> Model:
+    """Load a checkpoint (hub id or local directory) with its family adapter."""
+    checkpoint = resolve_checkpoint(model, revision)
+    torch_device = resolve_device(device)
+    config, hf_model, processor = load_model(
+        checkpoint, torch_device, resolve_dtype(dtype, torch_device), trust_remote_code)
+    adapter = adapter_for(config.model_type)(hf_model, processor)
+    reason = adapter.refusal()
+    if reason:
+        from statekv.errors import ModelError
+
+        raise ModelError(f"statekv cannot run {model}: {reason}")
+    return Model(adapter, model, revision)
+
+
