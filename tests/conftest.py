@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
 
+import numpy as np
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -11,33 +15,100 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-@pytest.fixture(scope="session")
-def tiny_internvl_dir(tmp_path_factory):
+
+@dataclass(frozen=True)
+class FamilySpec:
+    """How the shared contract tests build and drive one model family."""
+
+    build: Callable[[Path], Path]  # writes a tiny checkpoint directory, returns it
+    frames: Callable[[], np.ndarray]  # the test video, uint8 (n, H, W, 3)
+    # the family's own processor on the whole video + question (the layout ground truth)
+    reference_inputs: Callable[[Any, np.ndarray, str], dict] | None = None
+
+
+def chat_video_inputs(processor, frames, question):
+    """The processor's own inputs for a video and a question (generic chat-template path)."""
+    messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question}]}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    n = len(frames)
+    return processor(text=text, videos=[frames], do_sample_frames=False, return_tensors="pt",
+                     video_metadata=[{"total_num_frames": n, "fps": 1.0, "duration": float(n),
+                                      "frames_indices": list(range(n))}])
+
+
+def _internvl_build(path):
     from statekv.tiny import build_tiny_internvl
 
-    return build_tiny_internvl(tmp_path_factory.mktemp("tiny_internvl") / "ckpt")
+    return build_tiny_internvl(path)
+
+
+def _tiny_frames(n=8, size=64):
+    from statekv.tiny import tiny_video_frames
+
+    return tiny_video_frames(n, size=size)
+
+
+# One entry per model family: every contract test runs on each.
+FAMILIES: dict[str, FamilySpec] = {
+    "internvl": FamilySpec(build=_internvl_build, frames=_tiny_frames),
+}
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory):
+    """Tiny checkpoint directories, built once per family per test session."""
+    built: dict[str, Path] = {}
+
+    def get(family: str) -> Path:
+        if family not in built:
+            built[family] = FAMILIES[family].build(tmp_path_factory.mktemp(family) / "ckpt")
+        return built[family]
+
+    return get
+
+
+@pytest.fixture(scope="session", params=sorted(FAMILIES))
+def family(request, checkpoints):
+    """(name, statekv Model, unmodified transformers model, processor, frames, spec) per family."""
+    import statekv
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    name = request.param
+    path = checkpoints(name)
+    model = statekv.load(str(path), device="cpu", dtype="float32")
+    processor = AutoProcessor.from_pretrained(path)
+    reference = AutoModelForImageTextToText.from_pretrained(path, attn_implementation="sdpa").eval()
+    spec = FAMILIES[name]
+    return Family(name, model, reference, processor, spec.frames(), spec)
+
+
+@dataclass
+class Family:
+    name: str
+    model: Any
+    reference: Any
+    processor: Any
+    frames: np.ndarray
+    spec: FamilySpec
+
+    def reference_inputs(self, question: str) -> dict:
+        fn = self.spec.reference_inputs or chat_video_inputs
+        return fn(self.processor, self.frames, question)
+
+
+@pytest.fixture(scope="session")
+def tiny_internvl_dir(checkpoints):
+    return checkpoints("internvl")
 
 
 @pytest.fixture(scope="session")
 def tiny_model(tiny_internvl_dir):
-    """The statekv Model on the tiny checkpoint (float32, CPU)."""
+    """The statekv Model on the tiny InternVL checkpoint (float32, CPU)."""
     import statekv
 
     return statekv.load(str(tiny_internvl_dir), device="cpu", dtype="float32")
 
 
 @pytest.fixture(scope="session")
-def reference(tiny_internvl_dir):
-    """The unmodified transformers model and processor: the ground truth."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    processor = AutoProcessor.from_pretrained(tiny_internvl_dir)
-    model = AutoModelForImageTextToText.from_pretrained(tiny_internvl_dir, attn_implementation="sdpa")
-    return model.eval(), processor
-
-
-@pytest.fixture(scope="session")
 def frames():
-    from statekv.tiny import tiny_video_frames
-
-    return tiny_video_frames(8)
+    return _tiny_frames(8)
