@@ -87,6 +87,9 @@ def load_model(checkpoint: str, device: torch.device, dtype: torch.dtype,
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     import statekv.attention  # noqa: F401  (registers the attention function)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # the library never prints; progress is the caller's
 
     config = read_config(checkpoint, trust_remote_code)
     try:

@@ -112,3 +112,30 @@ def tiny_model(tiny_internvl_dir):
 @pytest.fixture(scope="session")
 def frames():
     return _tiny_frames(8)
+
+
+def write_video(path, frames: int = 12, size: tuple[int, int] = (96, 64), fps: int = 4) -> Path:
+    """A small h264 video whose frames differ visibly (moving bar, changing colour)."""
+    import av
+
+    path = Path(path)
+    width, height = size
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        for i in range(frames):
+            image = np.zeros((height, width, 3), np.uint8)
+            image[:, :, 0] = (40 * i) % 256
+            x = (i * 7) % max(1, width - 8)
+            image[:, x:x + 8, 1] = 255
+            for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+@pytest.fixture(scope="session")
+def clip(tmp_path_factory) -> Path:
+    """A 3-second, 12-frame test video."""
+    return write_video(tmp_path_factory.mktemp("videos") / "clip.mp4")

@@ -114,6 +114,14 @@ class VideoAdapter(ABC):
     def start(self, frame_count: int, timestamps: tuple[float, ...], prompt: PromptPieces) -> int:
         """Prepare for one video; return the total tokens of prefix + all frames."""
 
+    def layout_tokens(self, frame_count: int, timestamps: tuple[float, ...],
+                      prompt: PromptPieces) -> list[int] | None:
+        """Token counts of the prefix, then of each frame, without pixels (None if unknown).
+
+        Lets `statekv info` predict FLOPs exactly without loading weights or decoding frames.
+        """
+        return None
+
     @abstractmethod
     def prefix_chunk(self) -> ChunkInputs:
         """The text before the video (position offset 0)."""

@@ -55,9 +55,11 @@ class InternVLAdapter(VideoAdapter):
 
     def start(self, frame_count, timestamps, prompt) -> int:
         self._prompt = prompt
-        prefix = len(self._tokenize(prompt.prefix))
-        frames = sum(len(self._frame_ids(i)) for i in range(frame_count))
-        return prefix + frames
+        return sum(self.layout_tokens(frame_count, timestamps, prompt))
+
+    def layout_tokens(self, frame_count, timestamps, prompt) -> list[int]:
+        return [len(self._tokenize(prompt.prefix))] + [
+            len(self._frame_ids(i)) for i in range(frame_count)]
 
     def _tokenize(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False)

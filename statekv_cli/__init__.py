@@ -1,0 +1,1 @@
+"""The statekv command line (Typer), a thin layer over the `statekv` library."""

@@ -1,0 +1,347 @@
+"""statekv: ask questions about long videos with video VLMs, in linear time (StateKV).
+
+Each command parses its options, calls one function of the `statekv` library and renders
+the result: human output on stdout, progress and messages on stderr, `--json` for machines.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+import traceback
+from typing import Any, Callable, List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+from typing_extensions import Annotated
+
+from statekv_cli.progress import flops, live_enabled, prefill_display, size
+
+app = typer.Typer(
+    name="statekv",
+    help=("Ask questions about long local videos with video VLMs, prefilling the video in "
+          "linear time (StateKV: each chunk attends to a fixed budget of the most-attended "
+          "past tokens, while every frame stays available for answering).\n\n"
+          "Examples:\n\n"
+          "  statekv ask movie.mp4 \"who enters the room?\"\n\n"
+          "  statekv compare movie.mp4 \"what happens?\" --methods full,window,statekv\n\n"
+          "  statekv info movie.mp4 --max-frames 512\n\n"
+          "Exit codes: 0 ok, 1 some videos of a batch failed, 2 usage, 3 bad input file, "
+          "4 model unavailable, 5 out of memory, 130 interrupted."),
+    no_args_is_help=True,
+    rich_markup_mode=None,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+presets_app = typer.Typer(help="List the shipped model presets, or show one.",
+                          invoke_without_command=True, rich_markup_mode=None)
+app.add_typer(presets_app, name="presets")
+out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 200)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+# Options shared by the commands that run a model ------------------------------------------
+Preset = Annotated[Optional[str], typer.Option(
+    "--preset", help="Preset name (see `statekv presets`) or a preset YAML file. Default: internvl3-1b.")]
+ModelOpt = Annotated[Optional[str], typer.Option(
+    "--model", help="Hugging Face model id or local checkpoint directory; overrides the preset's.")]
+Method = Annotated[Optional[str], typer.Option(
+    "--method", help="full (exact, quadratic), window (recent frames only), statekv (top attention "
+    "mass, linear). Default: the preset's (statekv).")]
+Budget = Annotated[Optional[int], typer.Option(
+    "--budget", help="statekv: tokens carried per layer and KV head while prefilling. Default: preset's (4096).")]
+WindowFrames = Annotated[Optional[int], typer.Option(
+    "--window-frames", help="window: how many recent frames a chunk sees. Default: preset's (16).")]
+MaxFrames = Annotated[Optional[int], typer.Option(
+    "--max-frames", help="Sample at most this many frames, uniformly. Default: preset's (256).")]
+Fps = Annotated[Optional[float], typer.Option(
+    "--fps", help="Sample at most this many frames per second. Default: preset's (1.0).")]
+Start = Annotated[Optional[str], typer.Option(
+    "--start", help="Start of the part to watch: seconds or HH:MM:SS.")]
+End = Annotated[Optional[str], typer.Option(
+    "--end", help="End of the part to watch: seconds or HH:MM:SS.")]
+ChunkFrames = Annotated[Optional[int], typer.Option(
+    "--chunk-frames", help="Frames prefilled per chunk (a multiple of the model's temporal patch).")]
+MaxNewTokens = Annotated[Optional[int], typer.Option(
+    "--max-new-tokens", help="Longest answer, in tokens. Default: preset's (128).")]
+Device = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")]
+Dtype = Annotated[Optional[str], typer.Option(
+    "--dtype", help="auto (bf16 on GPUs, float32 on CPU), float32, bfloat16 or float16.")]
+Seed = Annotated[int, typer.Option("--seed", help="Random seed (answers are greedy).")]
+Json = Annotated[bool, typer.Option("--json", help="Print one JSON record on stdout (CONTRACTS.md).")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or summary on stderr.")]
+Debug = Annotated[bool, typer.Option("--debug", help="Show the full traceback of errors.")]
+PinPrefix = Annotated[bool, typer.Option(
+    "--pin-prefix", help="Keep the text prefix visible to every chunk, outside the budget.")]
+Attention = Annotated[str, typer.Option(
+    "--attention", help="sdpa (fused, fast) or eager (explicit softmax, the numerical reference).")]
+TrustRemoteCode = Annotated[bool, typer.Option(
+    "--trust-remote-code", help="Allow a checkpoint's own Python code to run (off by default).")]
+
+
+def _run_options(**kwargs: Any):
+    from statekv.tasks import RunOptions
+    from statekv.video import parse_time
+
+    kwargs["start"] = parse_time(kwargs.get("start"))
+    kwargs["end"] = parse_time(kwargs.get("end"))
+    return RunOptions(**kwargs)
+
+
+def handle_errors(fn: Callable) -> Callable:
+    """Turn user-facing errors into one line on stderr and CONTRACTS.md's exit codes."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        debug = kwargs.get("debug", False) or os.environ.get("STATEKV_DEBUG") == "1"
+        try:
+            return fn(*args, **kwargs)
+        except typer.Exit:
+            raise
+        except KeyboardInterrupt:
+            err.print("statekv: interrupted")
+            raise typer.Exit(130) from None
+        except Exception as exc:  # noqa: BLE001 - every error ends in one line and an exit code
+            code, message = _classify(exc)
+            if debug:
+                traceback.print_exc()
+            err.print(f"statekv: error: {message}", markup=False)
+            if code not in (2, 3, 4, 5) and not debug:
+                err.print("(run again with --debug for the traceback)")
+            raise typer.Exit(code) from None
+
+    return wrapper
+
+
+def _classify(exc: Exception) -> tuple[int, str]:
+    from statekv.errors import StateKVError
+
+    if isinstance(exc, StateKVError):
+        return exc.exit_code, str(exc)
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+        return 5, ("out of memory; try fewer --max-frames, a smaller --budget, a smaller preset "
+                   "or --dtype bfloat16")
+    return 1, f"{type(exc).__name__}: {exc}"
+
+
+def _emit_json(record: Any) -> None:
+    sys.stdout.write(json.dumps(record, ensure_ascii=False) + "\n")
+    sys.stdout.flush()
+
+
+def _print_warnings(warnings: list[str], quiet: bool) -> None:
+    if not quiet:
+        for warning in warnings:
+            err.print(f"warning: {warning}", markup=False)
+
+
+def _stats_line(stats: dict) -> str:
+    ratio = stats["lm_prefill_flops"] / max(1, stats["full_lm_prefill_flops"])
+    return (f"{stats['frames']} frames x {stats['tokens_per_frame']} tokens | LM prefill "
+            f"{flops(stats['lm_prefill_flops'])} ({ratio:.0%} of full attention's "
+            f"{flops(stats['full_lm_prefill_flops'])}) in "
+            f"{stats['lm_prefill_seconds']:.1f}s | vision {flops(stats['vision_flops'])} in "
+            f"{stats['vision_seconds']:.1f}s | peak memory +{size(stats['peak_memory_bytes'])} | "
+            f"carried {stats['carried_tokens']} / detailed {stats['detailed_tokens']} tokens")
+
+
+@app.command()
+@handle_errors
+def ask(
+    video: Annotated[str, typer.Argument(help="The video file.", show_default=False)],
+    questions: Annotated[Optional[List[str]], typer.Argument(
+        help="One or more questions (each answered from the same prefill).", show_default=False)] = None,
+    questions_file: Annotated[Optional[str], typer.Option(
+        "--questions", help="A file of questions: .txt one per line, .yaml a list of strings.")] = None,
+    preset: Preset = None, model: ModelOpt = None, method: Method = None, budget: Budget = None,
+    window_frames: WindowFrames = None, max_frames: MaxFrames = None, fps: Fps = None,
+    start: Start = None, end: End = None, chunk_frames: ChunkFrames = None,
+    max_new_tokens: MaxNewTokens = None, device: Device = "auto", dtype: Dtype = None,
+    seed: Seed = 0, json_output: Json = False, quiet: Quiet = False, debug: Debug = False,
+    pin_prefix: PinPrefix = False, attention: Attention = "sdpa",
+    trust_remote_code: TrustRemoteCode = False,
+) -> None:
+    """Answer questions about a video: one prefill, then every question.
+
+    Example: statekv ask movie.mp4 "who enters the room?" "what is on the table?" --max-frames 256
+    """
+    from statekv import tasks
+
+    options = _run_options(
+        preset=preset, model=model, method=method, budget=budget, window_frames=window_frames,
+        max_frames=max_frames, fps=fps, start=start, end=end, chunk_frames=chunk_frames,
+        max_new_tokens=max_new_tokens, device=device, dtype=dtype, seed=seed,
+        pin_prefix=pin_prefix, attention=attention, trust_remote_code=trust_remote_code)
+    all_questions = list(questions or []) + (tasks.read_questions(questions_file) if questions_file else [])
+    with prefill_display("prefill", live_enabled(quiet, json_output)) as on_event:
+        record = tasks.ask(video, all_questions, options, on_event=on_event)
+    if json_output:
+        _emit_json(record)
+    else:
+        for answer in record["answers"]:
+            out.print(f"Q: {answer['question']}\nA: {answer['answer']}\n", markup=False)
+        if not quiet:
+            err.print(_stats_line(record["stats"]), markup=False)
+    _print_warnings(record["warnings"], quiet or json_output)
+
+
+@app.command()
+@handle_errors
+def compare(
+    video: Annotated[str, typer.Argument(help="The video file.", show_default=False)],
+    question: Annotated[str, typer.Argument(help="The question every method answers.", show_default=False)],
+    methods: Annotated[str, typer.Option(
+        "--methods", help="Comma-separated methods to run on the same frames (full always runs "
+        "as the reference): full, window, statekv, isolated.")] = "full,window,statekv",
+    preset: Preset = None, model: ModelOpt = None, budget: Budget = None,
+    window_frames: WindowFrames = None, max_frames: MaxFrames = None, fps: Fps = None,
+    start: Start = None, end: End = None, chunk_frames: ChunkFrames = None,
+    max_new_tokens: MaxNewTokens = None, device: Device = "auto", dtype: Dtype = None,
+    seed: Seed = 0, json_output: Json = False, quiet: Quiet = False, debug: Debug = False,
+    pin_prefix: PinPrefix = False, attention: Attention = "sdpa",
+    trust_remote_code: TrustRemoteCode = False,
+) -> None:
+    """Run several methods on the same frames and compare answers, FLOPs, time and memory.
+
+    Example: statekv compare movie.mp4 "what happens?" --methods full,window,statekv --budget 4096
+    """
+    from statekv import tasks
+
+    options = _run_options(
+        preset=preset, model=model, budget=budget, window_frames=window_frames,
+        max_frames=max_frames, fps=fps, start=start, end=end, chunk_frames=chunk_frames,
+        max_new_tokens=max_new_tokens, device=device, dtype=dtype, seed=seed,
+        pin_prefix=pin_prefix, attention=attention, trust_remote_code=trust_remote_code)
+    names = [m.strip() for m in methods.split(",") if m.strip()]
+    live = live_enabled(quiet, json_output)
+    displays: list[Any] = []
+
+    def on_method(method: str):
+        display = prefill_display(method, live)
+        displays.append(display)
+        return display.__enter__()
+
+    try:
+        record = tasks.compare(video, question, names, options, on_method=on_method)
+    finally:
+        for display in displays:
+            display.__exit__(None, None, None)
+    if json_output:
+        _emit_json(record)
+        return
+    out.print(_compare_table(record))
+    for row in record["methods"]:
+        _print_warnings([f"{row['method']}: {w}" for w in row["warnings"]], quiet)
+
+
+def _compare_table(record: dict) -> Table:
+    table = Table(title=f"{record['path']}: {record['question']}")
+    for column in ("method", "answer", "agrees", "KL vs full", "LM FLOPs", "vision FLOPs",
+                   "prefill s", "peak mem", "carried", "detailed"):
+        table.add_column(column, overflow="fold")
+    for row in record["methods"]:
+        setting = {"statekv": f" B={row['budget']}", "window": f" {row['window_frames']} fr"}
+        table.add_row(row["method"] + setting.get(row["method"], ""), row["answer"],
+                      "yes" if row["agrees_with_full"] else "no",
+                      f"{row['first_token_kl_vs_full']:.4f}", flops(row["lm_prefill_flops"]),
+                      flops(row["vision_flops"]), f"{row['lm_prefill_seconds']:.2f}",
+                      size(row["peak_memory_bytes"]), str(row["carried_tokens"]),
+                      str(row["detailed_tokens"]))
+    return table
+
+
+@app.command()
+@handle_errors
+def info(
+    video: Annotated[str, typer.Argument(help="The video file.", show_default=False)],
+    preset: Preset = None, model: ModelOpt = None, budget: Budget = None,
+    window_frames: WindowFrames = None, max_frames: MaxFrames = None, fps: Fps = None,
+    start: Start = None, end: End = None, chunk_frames: ChunkFrames = None,
+    device: Device = "auto", dtype: Dtype = None, json_output: Json = False,
+    debug: Debug = False, pin_prefix: PinPrefix = False,
+    trust_remote_code: TrustRemoteCode = False,
+) -> None:
+    """Probe a video and predict the cost of each method, without loading model weights.
+
+    Example: statekv info movie.mp4 --preset internvl3-8b --max-frames 512
+    """
+    from statekv import tasks
+
+    options = _run_options(
+        preset=preset, model=model, budget=budget, window_frames=window_frames,
+        max_frames=max_frames, fps=fps, start=start, end=end, chunk_frames=chunk_frames,
+        device=device, dtype=dtype, pin_prefix=pin_prefix, trust_remote_code=trust_remote_code)
+    record = tasks.info(video, options)
+    if json_output:
+        _emit_json(record)
+        return
+    table = Table(title=record["path"], show_header=False)
+    predicted = record["predicted"]
+    rows = [
+        ("duration", f"{record['duration_seconds']:.1f} s"), ("fps", f"{record['fps']:.2f}"),
+        ("frames", str(record["frame_count"])),
+        ("resolution", f"{record['width']}x{record['height']}"), ("codec", str(record["codec"])),
+        ("model", f"{record['model']} (preset {record['preset']})"),
+        ("sampled frames", str(record["sampled_frames"])),
+        ("tokens per frame", str(record["tokens_per_frame"])),
+        *[(f"LM prefill, {name}", flops(m["lm_prefill_flops"]))
+          for name, m in predicted["methods"].items()],
+        ("detailed cache", size(predicted["detailed_cache_bytes"])),
+        ("weights", size(predicted["weights_bytes"])),
+        ("peak memory (estimate)", size(predicted["peak_memory_bytes"])),
+    ]
+    for key, value in rows:
+        table.add_row(key, value)
+    out.print(table)
+    if not predicted["exact_layout"]:
+        err.print("note: the checkpoint is not available locally; token counts come from the "
+                  "preset's numbers (approximate)")
+
+
+@presets_app.callback()
+def presets_list(ctx: typer.Context, json_output: Json = False) -> None:
+    """List shipped presets: name, model, family, parameters, tokens per frame, budget."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from statekv.presets import list_presets
+
+    presets = list_presets()
+    if json_output:
+        _emit_json([p.to_dict() for p in presets])
+        return
+    table = Table()
+    for column in ("name", "model", "family", "params", "tokens/frame", "budget", "license"):
+        table.add_column(column)
+    for p in presets:
+        table.add_row(p.name, p.model, p.family, f"{p.parameters / 1e9:.2f} B",
+                      str(p.architecture.tokens_per_frame), str(p.budget), p.license)
+    out.print(table)
+
+
+@presets_app.command("show")
+@handle_errors
+def presets_show(
+    name: Annotated[str, typer.Argument(help="Preset name or YAML file.", show_default=False)],
+    json_output: Json = False, debug: Debug = False,
+) -> None:
+    """Print one preset in full."""
+    import yaml
+
+    from statekv.presets import load_preset
+
+    preset = load_preset(name)
+    if json_output:
+        _emit_json(preset.to_dict())
+    else:
+        out.print(yaml.safe_dump(preset.to_dict(), sort_keys=False).rstrip(), markup=False)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    main()
