@@ -8,6 +8,7 @@ bounded by one chunk however long (or however large) the video is.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import numbers
@@ -129,7 +130,20 @@ def probe(path: str | os.PathLike) -> VideoInfo:
     name = os.fspath(path)
     _check_file(name)
     info = _probe_decord(name)
-    return info if info is not None else _probe_ffprobe(name)
+    if info is None:
+        return _probe_ffprobe(name)
+    return dataclasses.replace(info, codec=_codec_name(name))
+
+
+def _codec_name(path: str) -> str | None:
+    """The video codec's name from ffprobe (decord cannot tell it); None if ffprobe is absent."""
+    if ffmpeg is None:
+        return None
+    try:
+        data = ffmpeg.probe(_url(path), v="error", select_streams="v:0")
+        return data.get("streams", [{}])[0].get("codec_name")
+    except (ffmpeg.Error, FileNotFoundError, IndexError):
+        return None
 
 
 def _check_file(path: str) -> None:
