@@ -40,25 +40,57 @@ def predict_lm_flops(shape: accounting.LMShape, chunks: list[int], policy: Polic
     return total
 
 
+RUNTIME_BYTES = 64 * 2**20  # processor, tokenizer, kernels' workspaces, decoder: measured ~60-70 MB
+
+
 @dataclass(frozen=True)
 class MemoryEstimate:
-    """Bytes a run will need: weights, detailed cache and an activation allowance."""
+    """Bytes a run will need: weights, detailed cache, carried state, activations, runtime."""
 
     weights_bytes: int
     detailed_cache_bytes: int
+    carried_cache_bytes: int
     activation_bytes: int
+    runtime_bytes: int = RUNTIME_BYTES
 
     @property
     def peak_memory_bytes(self) -> int:
-        return self.weights_bytes + self.detailed_cache_bytes + self.activation_bytes
+        return (self.weights_bytes + self.detailed_cache_bytes + self.carried_cache_bytes
+                + self.activation_bytes + self.runtime_bytes)
 
 
 def estimate_memory(shape: accounting.LMShape, parameters: int, element_size: int,
-                    total_tokens: int, chunk_tokens: int, carried_tokens: int,
-                    hidden: int, intermediate: int) -> MemoryEstimate:
-    """Weights + detailed cache + the largest chunk's activations (float32 scores included)."""
-    detailed = total_tokens * shape.kv_bytes_per_token(element_size)
-    keys = carried_tokens + chunk_tokens
-    scores = 4 * shape.heads * chunk_tokens * keys  # the mass pass's float32 scores
+                    total_tokens: int, chunk_tokens: int, visible_keys: int,
+                    carried_state_tokens: int, hidden: int, intermediate: int) -> MemoryEstimate:
+    """Weights + detailed cache (with the answer room) + StateKV's gathered carried state
+    (twice: the old one lives while the new one is built) + the largest chunk's activations
+    (float32 attention scores of the mass pass included) + a fixed runtime allowance."""
+    from statekv.prefill import ANSWER_ROOM
+
+    per_token = shape.kv_bytes_per_token(element_size)
+    detailed = total_tokens * per_token
+    carried = 2 * carried_state_tokens * per_token
+    scores = 4 * shape.heads * chunk_tokens * (visible_keys + chunk_tokens)
     activations = element_size * chunk_tokens * (4 * hidden + 2 * intermediate) + scores
-    return MemoryEstimate(parameters * element_size, detailed, activations)
+    activations += ANSWER_ROOM * per_token  # the detailed cache's room for a question
+    return MemoryEstimate(parameters * element_size, detailed, carried, activations)
+
+
+def available_memory(device) -> int:
+    """Bytes free for a run: available RAM, or free memory on the CUDA device."""
+    import torch
+
+    if getattr(device, "type", str(device)) == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+def human_bytes(value: float) -> str:
+    """Bytes with a binary unit, for messages."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(value) >= scale:
+            return f"{value / scale:.1f} {unit}"
+    return f"{value:.0f} B"

@@ -43,6 +43,7 @@ class RunOptions:
     pin_prefix: bool = False
     trust_remote_code: bool = False
     backend: str = "auto"
+    force: bool = False  # run even if the memory preflight says it will not fit
 
     def validate(self) -> None:
         """Reject bad values before any work (CONTRACTS.md: budget, window, frames >= 1)."""
@@ -124,8 +125,9 @@ def ask(path: str, questions: list[str], options: RunOptions, model: Model | Non
     if not questions:
         raise UsageError("give at least one question (or --questions FILE)")
     resolved = resolve(options)
-    video.probe(path)  # a bad file fails before the model loads
+    run = plan_run(path, options)  # a bad file or option fails before the model loads
     if model is None:
+        preflight(run, options.force)
         model, resolved = load_model(options)
     session = prefill(model, resolved, options, path, resolved.method, on_event)
     answers = session.ask(questions, resolved.max_new_tokens)
@@ -152,8 +154,9 @@ def compare(path: str, question: str, methods: list[str], options: RunOptions,
         if method not in METHODS:
             raise UsageError(f"unknown method {method!r} in --methods; choose from {', '.join(METHODS)}")
     resolved = resolve(options)
-    video.probe(path)
+    run = plan_run(path, options)
     if model is None:
+        preflight(run, options.force)
         model, resolved = load_model(options)
     order = (["full"] if "full" not in methods else []) + list(methods)
     results: dict[str, tuple[Session, Any]] = {}
@@ -179,36 +182,77 @@ def _compare_row(method, session, answer, full_answer) -> dict[str, Any]:
             "warnings": session.warnings}
 
 
-# info: predictions without weights ------------------------------------------------------
-def info(path: str, options: RunOptions) -> dict[str, Any]:
-    """`statekv info`: the probe, what would be sampled, and predicted cost per method."""
+# info and the memory preflight: predictions without weights ----------------------------
+@dataclass
+class RunPlan:
+    """What a run will sample and cost, known before any weights load."""
+
+    probe: video.VideoInfo
+    frames: video.FramePlan
+    resolved: Resolved
+    layout: "Layout"
+    chunks: list[int]
+    flops: dict[str, int]
+    memory: predict.MemoryEstimate
+    device: torch.device
+
+
+def plan_run(path: str, options: RunOptions) -> RunPlan:
+    """Probe the video, plan its frames and predict FLOPs per method and memory."""
+    from statekv.loading import resolve_device
+
     resolved = resolve(options)
     probe = video.probe(path)
     plan = video.plan_frames(probe, resolved.max_frames, fps=resolved.fps, start=options.start,
                              end=options.end, timestamps=video.frame_timestamps(path))
+    device = resolve_device(options.device)
     layout = _layout(resolved, options, probe, plan)
-    shape = layout.shape
     chunks = predict.chunk_sizes(layout.tokens, resolved.chunk_frames or layout.frames_per_unit)
-    element = _element_size(resolved.dtype, options.device)
-    methods = {}
+    flops = {}
     for method in ("full", "window", "statekv"):
         policy = make_policy(method, budget=resolved.budget,
                              window_tokens=resolved.window_frames * layout.tokens_per_frame)
-        methods[method] = {"lm_prefill_flops": predict.predict_lm_flops(
-            shape, chunks, policy, options.pin_prefix)}
-    carried = resolved.budget if resolved.method == "statekv" else sum(chunks)
-    memory = predict.estimate_memory(shape, layout.parameters, element, sum(chunks),
-                                     max(chunks[1:], default=0), min(carried, sum(chunks)),
-                                     layout.hidden, layout.intermediate)
+        flops[method] = predict.predict_lm_flops(layout.shape, chunks, policy, options.pin_prefix)
+    total = sum(chunks)
+    carried = min(resolved.budget, total) if resolved.method == "statekv" else 0
+    visible = carried if resolved.method == "statekv" else total
+    memory = predict.estimate_memory(
+        layout.shape, layout.parameters, _element_size(resolved.dtype, device), total,
+        max(chunks[1:], default=0), visible, carried, layout.hidden, layout.intermediate)
+    return RunPlan(probe, plan, resolved, layout, chunks, flops, memory, device)
+
+
+def preflight(plan: RunPlan, force: bool) -> None:
+    """Refuse a run that will not fit in free memory (RAM, or the GPU's), unless forced."""
+    from statekv.errors import ResourceError
+    
+    need, free = plan.memory.peak_memory_bytes, predict.available_memory(plan.device)
+    if force or need <= free:
+        return
+    where = "GPU memory" if plan.device.type == "cuda" else "free RAM"
+    raise ResourceError(
+        f"this run needs about {predict.human_bytes(need)} (weights {predict.human_bytes(plan.memory.weights_bytes)}, "
+        f"detailed cache {predict.human_bytes(plan.memory.detailed_cache_bytes)}) but only "
+        f"{predict.human_bytes(free)} of {where} is available; use fewer --max-frames, a lower --fps, "
+        f"a smaller preset or --dtype bfloat16, or --force to try anyway")
+
+
+def info(path: str, options: RunOptions) -> dict[str, Any]:
+    """`statekv info`: the probe, what would be sampled, and predicted cost per method."""
+    run = plan_run(path, options)
+    probe = run.probe
     return {"path": path, "duration_seconds": probe.duration_seconds, "fps": probe.fps,
             "frame_count": probe.frame_count, "width": probe.width, "height": probe.height,
-            "codec": probe.codec, "sampled_frames": len(plan.indices),
-            "frame_timestamps": list(plan.timestamps), "tokens_per_frame": layout.tokens_per_frame,
-            "model": resolved.model, "preset": resolved.preset.name,
-            "predicted": {"methods": methods, "detailed_cache_bytes": memory.detailed_cache_bytes,
-                          "weights_bytes": memory.weights_bytes,
-                          "peak_memory_bytes": memory.peak_memory_bytes,
-                          "exact_layout": layout.exact}}
+            "codec": probe.codec, "sampled_frames": len(run.frames.indices),
+            "frame_timestamps": list(run.frames.timestamps),
+            "tokens_per_frame": run.layout.tokens_per_frame,
+            "model": run.resolved.model, "preset": run.resolved.preset.name,
+            "predicted": {"methods": {m: {"lm_prefill_flops": f} for m, f in run.flops.items()},
+                          "detailed_cache_bytes": run.memory.detailed_cache_bytes,
+                          "weights_bytes": run.memory.weights_bytes,
+                          "peak_memory_bytes": run.memory.peak_memory_bytes,
+                          "available_memory_bytes": predict.available_memory(run.device),
+                          "exact_layout": run.layout.exact}}
 
 
 @dataclass
@@ -225,14 +269,10 @@ class Layout:
     exact: bool = False
 
 
-def _element_size(dtype: str, device: str) -> int:
+def _element_size(dtype: str, device: torch.device) -> int:
     from statekv.loading import resolve_dtype
 
-    try:
-        dev = torch.device("cuda" if device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
-        return torch.empty((), dtype=resolve_dtype(dtype, dev)).element_size()
-    except UsageError:
-        raise
+    return torch.empty((), dtype=resolve_dtype(dtype, device)).element_size()
 
 
 def _layout(resolved: Resolved, options: RunOptions, probe, plan) -> Layout:

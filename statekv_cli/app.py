@@ -6,19 +6,41 @@ the result: human output on stdout, progress and messages on stderr, `--json` fo
 
 from __future__ import annotations
 
-import functools
-import json
-import os
-import sys
-import traceback
-from typing import Any, Callable, List, Optional
+from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
-from typing_extensions import Annotated
 
+from statekv_cli.options import (
+    Attention,
+    Budget,
+    ChunkFrames,
+    Debug,
+    Device,
+    Dtype,
+    End,
+    Force,
+    Fps,
+    Json,
+    MaxFrames,
+    MaxNewTokens,
+    Method,
+    ModelOpt,
+    PinPrefix,
+    Preset,
+    Quiet,
+    Seed,
+    Start,
+    TrustRemoteCode,
+    WindowFrames,
+    emit_json,
+    err,
+    handle_errors,
+    out,
+    run_options,
+)
 from statekv_cli.progress import flops, live_enabled, prefill_display, size
+from statekv_cli.summarize import summarize
 
 app = typer.Typer(
     name="statekv",
@@ -39,98 +61,7 @@ app = typer.Typer(
 presets_app = typer.Typer(help="List the shipped model presets, or show one.",
                           invoke_without_command=True, rich_markup_mode=None)
 app.add_typer(presets_app, name="presets")
-out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 200)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
-
-# Options shared by the commands that run a model ------------------------------------------
-Preset = Annotated[Optional[str], typer.Option(
-    "--preset", help="Preset name (see `statekv presets`) or a preset YAML file. Default: internvl3-1b.")]
-ModelOpt = Annotated[Optional[str], typer.Option(
-    "--model", help="Hugging Face model id or local checkpoint directory; overrides the preset's.")]
-Method = Annotated[Optional[str], typer.Option(
-    "--method", help="full (exact, quadratic), window (recent frames only), statekv (top attention "
-    "mass, linear). Default: the preset's (statekv).")]
-Budget = Annotated[Optional[int], typer.Option(
-    "--budget", help="statekv: tokens carried per layer and KV head while prefilling. Default: preset's (4096).")]
-WindowFrames = Annotated[Optional[int], typer.Option(
-    "--window-frames", help="window: how many recent frames a chunk sees. Default: preset's (16).")]
-MaxFrames = Annotated[Optional[int], typer.Option(
-    "--max-frames", help="Sample at most this many frames, uniformly. Default: preset's (256).")]
-Fps = Annotated[Optional[float], typer.Option(
-    "--fps", help="Sample at most this many frames per second. Default: preset's (1.0).")]
-Start = Annotated[Optional[str], typer.Option(
-    "--start", help="Start of the part to watch: seconds or HH:MM:SS.")]
-End = Annotated[Optional[str], typer.Option(
-    "--end", help="End of the part to watch: seconds or HH:MM:SS.")]
-ChunkFrames = Annotated[Optional[int], typer.Option(
-    "--chunk-frames", help="Frames prefilled per chunk (a multiple of the model's temporal patch).")]
-MaxNewTokens = Annotated[Optional[int], typer.Option(
-    "--max-new-tokens", help="Longest answer, in tokens. Default: preset's (128).")]
-Device = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")]
-Dtype = Annotated[Optional[str], typer.Option(
-    "--dtype", help="auto (bf16 on GPUs, float32 on CPU), float32, bfloat16 or float16.")]
-Seed = Annotated[int, typer.Option("--seed", help="Random seed (answers are greedy).")]
-Json = Annotated[bool, typer.Option("--json", help="Print one JSON record on stdout (CONTRACTS.md).")]
-Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or summary on stderr.")]
-Debug = Annotated[bool, typer.Option("--debug", help="Show the full traceback of errors.")]
-PinPrefix = Annotated[bool, typer.Option(
-    "--pin-prefix", help="Keep the text prefix visible to every chunk, outside the budget.")]
-Attention = Annotated[str, typer.Option(
-    "--attention", help="sdpa (fused, fast) or eager (explicit softmax, the numerical reference).")]
-TrustRemoteCode = Annotated[bool, typer.Option(
-    "--trust-remote-code", help="Allow a checkpoint's own Python code to run (off by default).")]
-
-
-def _run_options(**kwargs: Any):
-    from statekv.tasks import RunOptions
-    from statekv.video import parse_time
-
-    kwargs["start"] = parse_time(kwargs.get("start"))
-    kwargs["end"] = parse_time(kwargs.get("end"))
-    return RunOptions(**kwargs)
-
-
-def handle_errors(fn: Callable) -> Callable:
-    """Turn user-facing errors into one line on stderr and CONTRACTS.md's exit codes."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        debug = kwargs.get("debug", False) or os.environ.get("STATEKV_DEBUG") == "1"
-        try:
-            return fn(*args, **kwargs)
-        except typer.Exit:
-            raise
-        except KeyboardInterrupt:
-            err.print("statekv: interrupted")
-            raise typer.Exit(130) from None
-        except Exception as exc:  # noqa: BLE001 - every error ends in one line and an exit code
-            code, message = _classify(exc)
-            if debug:
-                traceback.print_exc()
-            err.print(f"statekv: error: {message}", markup=False)
-            if code not in (2, 3, 4, 5) and not debug:
-                err.print("(run again with --debug for the traceback)")
-            raise typer.Exit(code) from None
-
-    return wrapper
-
-
-def _classify(exc: Exception) -> tuple[int, str]:
-    from statekv.errors import StateKVError
-
-    if isinstance(exc, StateKVError):
-        return exc.exit_code, str(exc)
-    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
-        return 5, ("out of memory; try fewer --max-frames, a smaller --budget, a smaller preset "
-                   "or --dtype bfloat16")
-    return 1, f"{type(exc).__name__}: {exc}"
-
-
-def _emit_json(record: Any) -> None:
-    sys.stdout.write(json.dumps(record, ensure_ascii=False) + "\n")
-    sys.stdout.flush()
-
-
+app.command("summarize")(summarize)
 def _print_warnings(warnings: list[str], quiet: bool) -> None:
     if not quiet:
         for warning in warnings:
@@ -151,9 +82,9 @@ def _stats_line(stats: dict) -> str:
 @handle_errors
 def ask(
     video: Annotated[str, typer.Argument(help="The video file.", show_default=False)],
-    questions: Annotated[Optional[List[str]], typer.Argument(
+    questions: Annotated[list[str] | None, typer.Argument(
         help="One or more questions (each answered from the same prefill).", show_default=False)] = None,
-    questions_file: Annotated[Optional[str], typer.Option(
+    questions_file: Annotated[str | None, typer.Option(
         "--questions", help="A file of questions: .txt one per line, .yaml a list of strings.")] = None,
     preset: Preset = None, model: ModelOpt = None, method: Method = None, budget: Budget = None,
     window_frames: WindowFrames = None, max_frames: MaxFrames = None, fps: Fps = None,
@@ -161,7 +92,7 @@ def ask(
     max_new_tokens: MaxNewTokens = None, device: Device = "auto", dtype: Dtype = None,
     seed: Seed = 0, json_output: Json = False, quiet: Quiet = False, debug: Debug = False,
     pin_prefix: PinPrefix = False, attention: Attention = "sdpa",
-    trust_remote_code: TrustRemoteCode = False,
+    trust_remote_code: TrustRemoteCode = False, force: Force = False,
 ) -> None:
     """Answer questions about a video: one prefill, then every question.
 
@@ -169,16 +100,17 @@ def ask(
     """
     from statekv import tasks
 
-    options = _run_options(
+    options = run_options(
         preset=preset, model=model, method=method, budget=budget, window_frames=window_frames,
         max_frames=max_frames, fps=fps, start=start, end=end, chunk_frames=chunk_frames,
         max_new_tokens=max_new_tokens, device=device, dtype=dtype, seed=seed,
-        pin_prefix=pin_prefix, attention=attention, trust_remote_code=trust_remote_code)
+        pin_prefix=pin_prefix, attention=attention, trust_remote_code=trust_remote_code,
+        force=force)
     all_questions = list(questions or []) + (tasks.read_questions(questions_file) if questions_file else [])
     with prefill_display("prefill", live_enabled(quiet, json_output)) as on_event:
         record = tasks.ask(video, all_questions, options, on_event=on_event)
     if json_output:
-        _emit_json(record)
+        emit_json(record)
     else:
         for answer in record["answers"]:
             out.print(f"Q: {answer['question']}\nA: {answer['answer']}\n", markup=False)
@@ -201,7 +133,7 @@ def compare(
     max_new_tokens: MaxNewTokens = None, device: Device = "auto", dtype: Dtype = None,
     seed: Seed = 0, json_output: Json = False, quiet: Quiet = False, debug: Debug = False,
     pin_prefix: PinPrefix = False, attention: Attention = "sdpa",
-    trust_remote_code: TrustRemoteCode = False,
+    trust_remote_code: TrustRemoteCode = False, force: Force = False,
 ) -> None:
     """Run several methods on the same frames and compare answers, FLOPs, time and memory.
 
@@ -209,11 +141,12 @@ def compare(
     """
     from statekv import tasks
 
-    options = _run_options(
+    options = run_options(
         preset=preset, model=model, budget=budget, window_frames=window_frames,
         max_frames=max_frames, fps=fps, start=start, end=end, chunk_frames=chunk_frames,
         max_new_tokens=max_new_tokens, device=device, dtype=dtype, seed=seed,
-        pin_prefix=pin_prefix, attention=attention, trust_remote_code=trust_remote_code)
+        pin_prefix=pin_prefix, attention=attention, trust_remote_code=trust_remote_code,
+        force=force)
     names = [m.strip() for m in methods.split(",") if m.strip()]
     live = live_enabled(quiet, json_output)
     displays: list[Any] = []
@@ -229,7 +162,7 @@ def compare(
         for display in displays:
             display.__exit__(None, None, None)
     if json_output:
-        _emit_json(record)
+        emit_json(record)
         return
     out.print(_compare_table(record))
     for row in record["methods"]:
@@ -269,13 +202,13 @@ def info(
     """
     from statekv import tasks
 
-    options = _run_options(
+    options = run_options(
         preset=preset, model=model, budget=budget, window_frames=window_frames,
         max_frames=max_frames, fps=fps, start=start, end=end, chunk_frames=chunk_frames,
         device=device, dtype=dtype, pin_prefix=pin_prefix, trust_remote_code=trust_remote_code)
     record = tasks.info(video, options)
     if json_output:
-        _emit_json(record)
+        emit_json(record)
         return
     table = Table(title=record["path"], show_header=False)
     predicted = record["predicted"]
@@ -309,7 +242,7 @@ def presets_list(ctx: typer.Context, json_output: Json = False) -> None:
 
     presets = list_presets()
     if json_output:
-        _emit_json([p.to_dict() for p in presets])
+        emit_json([p.to_dict() for p in presets])
         return
     table = Table()
     for column in ("name", "model", "family", "params", "tokens/frame", "budget", "license"):
@@ -333,7 +266,7 @@ def presets_show(
 
     preset = load_preset(name)
     if json_output:
-        _emit_json(preset.to_dict())
+        emit_json(preset.to_dict())
     else:
         out.print(yaml.safe_dump(preset.to_dict(), sort_keys=False).rstrip(), markup=False)
 
@@ -341,7 +274,6 @@ def presets_show(
 def main() -> None:
     """Console-script entry point."""
     app()
-
 
 if __name__ == "__main__":
     main()
