@@ -336,6 +336,18 @@ def summarize_one(model: Any, resolved: Any, options: Any, path: str, prompt: st
     return record
 
 
+def _refuse_output_over_input(out: str, videos: list[str]) -> None:
+    """Never append records to a file that is one of the videos being summarised."""
+    if out == "-" or not os.path.exists(out):
+        return
+    for video in videos:
+        try:
+            if os.path.samefile(out, video):
+                raise UsageError(f"--out {out} is one of the input videos; choose another file")
+        except OSError:
+            continue
+
+
 def summarize(videos: list[str], options: Any, prompt: str | None = None,
               out: str = "summaries.jsonl", redo: bool = False, *,
               on_video: OnVideo | None = None, on_event: Callable[[Any], None] | None = None,
@@ -350,6 +362,7 @@ def summarize(videos: list[str], options: Any, prompt: str | None = None,
     from statekv import tasks
 
     started = time.perf_counter()
+    _refuse_output_over_input(out, videos)
     resolved = tasks.resolve(options)
     prompt = prompt if prompt else resolved.preset.summary_prompt
     settings = requested_settings(resolved, options, prompt)

@@ -8,6 +8,7 @@ bounded by one chunk however long (or however large) the video is.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import math
@@ -505,9 +506,28 @@ def _open_decord(path: str, size: tuple[int, int] | None) -> object | None:
         return None
     width, height = size if size is not None else (-1, -1)
     try:
-        return decord.VideoReader(_url(path), ctx=decord.cpu(0), width=width, height=height)
+        with _silenced_stderr():
+            return decord.VideoReader(_url(path), ctx=decord.cpu(0), width=width, height=height)
     except _DECORD_FAILURES:
         return None
+
+
+@contextlib.contextmanager
+def _silenced_stderr() -> Iterator[None]:
+    """Hide the C++ "ERROR opening ..." line decord prints even at its QUIET log level:
+    a file it cannot open falls back to ffmpeg, which says what is wrong in our own words."""
+    try:
+        saved = os.dup(2)
+    except OSError:  # no stderr to silence
+        yield
+        return
+    try:
+        with open(os.devnull, "wb") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def _decord_frames(reader: object, plan: FramePlan, batch: int) -> _Decoded:
