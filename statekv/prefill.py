@@ -90,6 +90,7 @@ class _Loop:
         self.started = time.perf_counter()
         self.result: PrefillResult | None = None
         self.vision_flops_per_frame: float | None = None
+        self.tokens_done = 0  # running total of result.chunk_tokens (no per-chunk re-summing)
 
     def run_chunk(self, chunk: ChunkInputs) -> None:
         result, cache = self.result, self.cache
@@ -101,13 +102,14 @@ class _Loop:
             cache.policy.capacity or 0)
         result.lm_prefill_flops += accounting.chunk_flops(self.shape, chunk.tokens, carried, mass)
         result.full_lm_prefill_flops += accounting.chunk_flops(
-            self.shape, chunk.tokens, sum(result.chunk_tokens), mass=False)
+            self.shape, chunk.tokens, self.tokens_done, mass=False)
         result.chunk_tokens.append(chunk.tokens)
+        self.tokens_done += chunk.tokens
         result.frames += chunk.frames
         self._emit()
 
     def encode(self, frames, first: int) -> ChunkInputs:
-        offset = sum(self.result.chunk_tokens)
+        offset = self.tokens_done
         started = time.perf_counter()
         if self.vision_flops_per_frame is None:
             # Vision cost per frame is the same for every frame of a video: count it once.
@@ -124,7 +126,7 @@ class _Loop:
             return
         r = self.result
         self.on_event(PrefillEvent(
-            frames_done=r.frames, frames_total=self.frames_total, tokens_done=sum(r.chunk_tokens),
+            frames_done=r.frames, frames_total=self.frames_total, tokens_done=self.tokens_done,
             lm_prefill_flops=r.lm_prefill_flops, full_lm_prefill_flops=r.full_lm_prefill_flops,
             carried_tokens=self.cache.carried_tokens,
             elapsed_seconds=time.perf_counter() - self.started,
@@ -151,6 +153,8 @@ def prefill(
     *,
     frame_count: int,
     timestamps: tuple[float, ...],
+    frame_size: tuple[int, int] | None = None,
+    duration: float | None = None,
     system_prompt: str | None = None,
     pin_prefix: bool = False,
     attention: str = "sdpa",
@@ -161,7 +165,8 @@ def prefill(
     (`.frames` uint8 (n, H, W, 3), `.first`, `.timestamps`, optional `.skipped`)."""
     ensure_attention(adapter)
     prompt = adapter.prompt(system_prompt)
-    reserve = adapter.start(frame_count, timestamps, prompt)
+    reserve = adapter.start(frame_count, timestamps, prompt, frame_size=frame_size,
+                            duration=duration)
     loop = _Loop(adapter, policy, frame_count, reserve, attention, on_event, memory)
     loop.result = PrefillResult(cache=loop.cache, prompt=prompt)
     with torch.inference_mode():

@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -132,6 +132,17 @@ class Session:
         )
 
 
+@dataclass(frozen=True)
+class _VideoShape:
+    """What the adapter is told about a video before its first chunk."""
+
+    frames: int
+    timestamps: tuple[float, ...]
+    frame_size: tuple[int, int]  # (height, width) frames arrive at
+    duration: float | None  # seconds watched, when known
+    tokens_per_frame: int
+
+
 @dataclass
 class _Frames:
     """A run of in-memory frames, shaped like video.FrameChunk."""
@@ -173,13 +184,16 @@ class Model:
         info = video.probe(path)
         plan = video.plan_frames(info, max_frames, fps=fps, start=start, end=end,
                                  timestamps=video.frame_timestamps(path))
-        size = self.adapter.decode_size(info.height, info.width)
+        count = len(plan.indices)
+        size = self.adapter.decode_size(info.height, info.width, frames=count)
         chunk_frames = self._chunk_frames(options.get("chunk_frames"))
         chunks = video.iter_chunks(path, plan, chunk_frames, size=size, backend=backend)
-        tokens_per_frame = self.adapter.tokens_per_frame(*_hw(size, info))
+        frame_size = _hw(size, info)
+        watched = min(end or info.duration_seconds, info.duration_seconds) - (start or 0.0)
+        shape = _VideoShape(count, tuple(plan.timestamps), frame_size, watched,
+                            self.adapter.tokens_per_frame(*frame_size, frames=count))
         sampling = dict(max_frames=max_frames, fps=fps, start=start, end=end)
-        return self._run(chunks, len(plan.indices), tuple(plan.timestamps), tokens_per_frame,
-                         sampling, **options)
+        return self._run(chunks, shape, sampling, **options)
 
     def prefill_frames(
         self, frames: np.ndarray, timestamps: Sequence[float] | None = None, **options: Any
@@ -190,9 +204,11 @@ class Model:
         chunk_frames = self._chunk_frames(options.get("chunk_frames"))
         chunks = (_Frames(frames[i:i + chunk_frames], i, timestamps[i:i + chunk_frames])
                   for i in range(0, len(frames), chunk_frames))
-        tokens_per_frame = self.adapter.tokens_per_frame(frames.shape[1], frames.shape[2])
+        frame_size = (int(frames.shape[1]), int(frames.shape[2]))
+        shape = _VideoShape(len(frames), timestamps, frame_size, None,
+                            self.adapter.tokens_per_frame(*frame_size, frames=len(frames)))
         sampling = dict(max_frames=len(frames), fps=None, start=None, end=None)
-        return self._run(chunks, len(frames), timestamps, tokens_per_frame, sampling, **options)
+        return self._run(chunks, shape, sampling, **options)
 
     def _chunk_frames(self, chunk_frames: int | None) -> int:
         unit = self.adapter.frames_per_unit
@@ -205,9 +221,7 @@ class Model:
     def _run(
         self,
         chunks: Iterable[Any],
-        frame_count: int,
-        timestamps: tuple[float, ...],
-        tokens_per_frame: int,
+        shape: "_VideoShape",
         sampling: dict[str, Any],
         *,
         method: str = "statekv",
@@ -227,7 +241,7 @@ class Model:
             raise UsageError(f"--window-frames must be at least 1, got {window_frames}")
         policy = make_policy(method, budget=budget,
                              window_tokens=None if window_frames is None
-                             else window_frames * tokens_per_frame)
+                             else window_frames * shape.tokens_per_frame)
         _seed(seed)
         settings = Settings(
             model=self.name, model_revision=self.revision, family=self.family, method=method,
@@ -236,11 +250,12 @@ class Model:
             max_new_tokens=max_new_tokens, seed=seed, **sampling)
         memory = accounting.PeakMemory(self.device)
         with memory:
-            state = prefill(self.adapter, chunks, policy, frame_count=frame_count,
-                            timestamps=timestamps, system_prompt=system_prompt,
+            state = prefill(self.adapter, chunks, policy, frame_count=shape.frames,
+                            timestamps=shape.timestamps, frame_size=shape.frame_size,
+                            duration=shape.duration, system_prompt=system_prompt,
                             pin_prefix=pin_prefix, attention=attention, on_event=on_event,
                             memory=memory)
-        session = Session(self, state, settings, memory, tokens_per_frame)
+        session = Session(self, state, settings, memory, shape.tokens_per_frame)
         chunk_tokens = max(state.chunk_tokens[1:], default=0)
         if budget is not None and budget < chunk_tokens:
             session.warnings.append(

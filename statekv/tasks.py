@@ -329,13 +329,14 @@ def _exact_layout(checkpoint: str, resolved: Resolved, probe, plan, options: Run
     text = adapter.text_config
     return Layout(tokens, accounting.LMShape.from_model(adapter.language_model, text),
                   sum(p.numel() for p in meta.parameters()), text.hidden_size,
-                  text.intermediate_size, adapter.tokens_per_frame(*_decoded_hw(adapter, probe)),
+                  text.intermediate_size, adapter.tokens_per_frame(*_decoded_hw(adapter, probe, plan),
+                                          frames=len(plan.indices)),
                   adapter.frames_per_unit,
                   exact=True)
 
 
-def _decoded_hw(adapter, probe) -> tuple[int, int]:
-    size = adapter.decode_size(probe.height, probe.width)
+def _decoded_hw(adapter, probe, plan) -> tuple[int, int]:
+    size = adapter.decode_size(probe.height, probe.width, frames=len(plan.indices))
     return (probe.height, probe.width) if size is None else (size[1], size[0])
 
 

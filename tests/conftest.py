@@ -42,6 +42,43 @@ def _internvl_build(path):
     return build_tiny_internvl(path)
 
 
+def _smolvlm_build(path):
+    from tiny_families import build_tiny_smolvlm
+
+    return build_tiny_smolvlm(path)
+
+
+def _llava_onevision_build(path):
+    from tiny_families import build_tiny_llava_onevision
+
+    return build_tiny_llava_onevision(path)
+
+
+def smolvlm_video_inputs(processor, frames, question):
+    """SmolVLM's processor on the video: its built-in video template (which apply_chat_template
+    swaps in for any video message) and `Frame from MM:SS:` labels from the metadata's fps.
+    The metadata holds what statekv gives the adapter (frame times, no duration), so the intro's
+    duration is the processor's own fallback, the last frame's time."""
+    messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question}]}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    n = len(frames)
+    return processor(text=text, videos=[frames], do_sample_frames=False, return_tensors="pt",
+                     video_metadata=[{"total_num_frames": n, "fps": 1.0, "duration": None,
+                                      "frames_indices": list(range(n))}])
+
+
+def _qwen2_5_vl_build(path):
+    from tiny_qwen import build_tiny_qwen2_5_vl
+
+    return build_tiny_qwen2_5_vl(path)
+
+
+def _qwen3_vl_build(path):
+    from tiny_qwen import build_tiny_qwen3_vl
+
+    return build_tiny_qwen3_vl(path)
+
+
 def _tiny_frames(n=8, size=64):
     from statekv.tiny import tiny_video_frames
 
@@ -51,6 +88,12 @@ def _tiny_frames(n=8, size=64):
 # One entry per model family: every contract test runs on each.
 FAMILIES: dict[str, FamilySpec] = {
     "internvl": FamilySpec(build=_internvl_build, frames=_tiny_frames),
+    "smolvlm": FamilySpec(build=_smolvlm_build, frames=_tiny_frames,
+                          reference_inputs=smolvlm_video_inputs),
+    "llava_onevision": FamilySpec(build=_llava_onevision_build, frames=_tiny_frames),
+    # tiny_qwen.*_FRAME_SIZE: 88 px resize to 96 px; 128 px shrink to 96 px (whole-video budget).
+    "qwen2_5_vl": FamilySpec(build=_qwen2_5_vl_build, frames=lambda: _tiny_frames(8, 88)),
+    "qwen3_vl": FamilySpec(build=_qwen3_vl_build, frames=lambda: _tiny_frames(8, 128)),
 }
 
 

@@ -195,8 +195,9 @@ def test_cost_per_chunk_flattens_only_for_bounded_methods(family):
         per_chunk[method] = np.diff([e.lm_prefill_flops for e in events])
     full, statekv, window = per_chunk["full"], per_chunk["statekv"], per_chunk["window"]
     assert all(b > a for a, b in zip(full[1:], full[2:]))  # full grows every chunk
-    assert len(set(statekv[-6:].tolist())) == 1  # flat once the state is full
-    assert len(set(window[-6:].tolist())) == 1
+    # flat once the state is full (the last chunk may close the video, e.g. LLaVA-OV's newline)
+    assert len(set(statekv[-6:-1].tolist())) == 1
+    assert len(set(window[-6:-1].tolist())) == 1
     assert statekv[-1] < full[-1]
 
 

@@ -271,7 +271,6 @@ def test_window_keeps_the_most_recent(candidates, window):
 @settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(frames=st.integers(1, 5), chunk_frames=st.integers(1, 3), seed=st.integers(0, 99))
 def test_engine_equals_full_attention_for_any_chunking(tiny_model, frames, chunk_frames, seed):
-    from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from conftest import chat_video_inputs
     from statekv.tiny import tiny_video_frames

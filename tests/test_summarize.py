@@ -239,7 +239,6 @@ def local_ray():
     ray.shutdown()
 
 
-@pytest.mark.slow  # ~12 s to start Ray plus ~20 s of workers importing torch: run with -m slow
 def test_ray_backend_same_records_as_local(first_run, folder, good, model_dir, local_ray, tmp_path):
     _, local_out = first_run
     out = tmp_path / "ray.jsonl"

@@ -5,8 +5,13 @@ from __future__ import annotations
 from statekv.errors import ModelError
 from statekv.models.base import VideoAdapter
 from statekv.models.internvl import InternVLAdapter
+from statekv.models.llava_onevision import LlavaOnevisionAdapter
+from statekv.models.qwen2_5_vl import Qwen2_5_VLAdapter
+from statekv.models.qwen3_vl import Qwen3VLAdapter
+from statekv.models.smolvlm import SmolVLMAdapter
 
-ADAPTERS: tuple[type[VideoAdapter], ...] = (InternVLAdapter,)
+ADAPTERS: tuple[type[VideoAdapter], ...] = (InternVLAdapter, SmolVLMAdapter, LlavaOnevisionAdapter,
+                                              Qwen2_5_VLAdapter, Qwen3VLAdapter)
 
 # Families the method cannot serve as they are, with the reason (checked before loading).
 REFUSED: dict[str, str] = {

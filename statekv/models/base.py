@@ -89,10 +89,13 @@ class VideoAdapter(ABC):
         return set(ids)
 
     @abstractmethod
-    def tokens_per_frame(self, height: int | None = None, width: int | None = None) -> int:
-        """Visual tokens of one frame (Qwen families depend on the frame size)."""
+    def tokens_per_frame(self, height: int | None = None, width: int | None = None,
+                         frames: int | None = None) -> int:
+        """Visual tokens of one frame; Qwen families depend on the frame size and (when the
+        processor budgets pixels for the whole video) on the video's frame count."""
 
-    def decode_size(self, height: int, width: int) -> tuple[int, int] | None:
+    def decode_size(self, height: int, width: int, frames: int | None = None
+                    ) -> tuple[int, int] | None:
         """(width, height) to decode frames at, close to what the processor needs."""
         return None
 
@@ -111,8 +114,13 @@ class VideoAdapter(ABC):
         """Split the family's chat template around the video."""
 
     @abstractmethod
-    def start(self, frame_count: int, timestamps: tuple[float, ...], prompt: PromptPieces) -> int:
-        """Prepare for one video; return the total tokens of prefix + all frames."""
+    def start(self, frame_count: int, timestamps: tuple[float, ...], prompt: PromptPieces,
+              frame_size: tuple[int, int] | None = None, duration: float | None = None) -> int:
+        """Prepare for one video; return the total tokens of prefix + all frames.
+
+        frame_size: (height, width) the frames arrive at; duration: the watched span in
+        seconds (SmolVLM names it in its intro sentence).
+        """
 
     def layout_tokens(self, frame_count: int, timestamps: tuple[float, ...],
                       prompt: PromptPieces) -> list[int] | None:

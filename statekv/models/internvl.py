@@ -35,10 +35,10 @@ class InternVLAdapter(VideoAdapter):
     def vision_modules(self):
         return [self.model.model.vision_tower, self.model.model.multi_modal_projector]
 
-    def tokens_per_frame(self, height=None, width=None) -> int:
+    def tokens_per_frame(self, height=None, width=None, frames=None) -> int:
         return int(self.processor.image_seq_length)
 
-    def decode_size(self, height: int, width: int) -> tuple[int, int]:
+    def decode_size(self, height: int, width: int, frames=None) -> tuple[int, int]:
         size = self.processor.video_processor.size
         return int(size["width"]), int(size["height"])
 
@@ -53,7 +53,7 @@ class InternVLAdapter(VideoAdapter):
         prefix, _, suffix = text.partition(self.video_token)
         return PromptPieces(prefix=prefix, suffix=suffix)
 
-    def start(self, frame_count, timestamps, prompt) -> int:
+    def start(self, frame_count, timestamps, prompt, frame_size=None, duration=None) -> int:
         self._prompt = prompt
         return sum(self.layout_tokens(frame_count, timestamps, prompt))
 
