@@ -17,7 +17,7 @@ import yaml
 
 from statekv.errors import InputError, UsageError
 
-DEFAULT_PRESET = "internvl3-1b"
+DEFAULT_PRESET = "qwen3-vl-2b"
 
 
 @dataclass(frozen=True)

@@ -323,7 +323,8 @@ def _exact_layout(checkpoint: str, resolved: Resolved, probe, plan, options: Run
         meta = AutoModelForImageTextToText.from_config(config)
     adapter = adapter_for(config.model_type)(meta, processor)
     prompt = adapter.prompt(resolved.preset.system_prompt)
-    tokens = adapter.layout_tokens(len(plan.indices), tuple(plan.timestamps), prompt)
+    tokens = adapter.layout_tokens(len(plan.indices), tuple(plan.timestamps), prompt,
+                                   frame_size=_decoded_hw(adapter, probe, plan))
     if tokens is None:
         return None
     text = adapter.text_config

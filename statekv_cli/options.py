@@ -19,7 +19,7 @@ err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 # Options shared by the commands that run a model ------------------------------------------
 Preset = Annotated[str | None, typer.Option(
-    "--preset", help="Preset name (see `statekv presets`) or a preset YAML file. Default: internvl3-1b.")]
+    "--preset", help="Preset name (see `statekv presets`) or a preset YAML file. Default: qwen3-vl-2b.")]
 ModelOpt = Annotated[str | None, typer.Option(
     "--model", help="Hugging Face model id or local checkpoint directory; overrides the preset's.")]
 Method = Annotated[str | None, typer.Option(

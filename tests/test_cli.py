@@ -185,3 +185,22 @@ def test_live_progress_renders_in_a_terminal(clip, model_dir):
     text = output.decode(errors="replace")
     assert "4/4 frames" in text and "carried" in text and "tok/s" in text
     assert "A: " in text
+
+
+@pytest.mark.parametrize("name", ["qwen2_5_vl", "qwen3_vl", "smolvlm", "llava_onevision"])
+def test_info_and_compare_work_for_every_family(clip, checkpoints, name):
+    model_dir = str(checkpoints(name))
+    options = ["--model", model_dir, "--budget", "20", "--max-frames", "4", "--fps", "4"]
+    info = run("info", clip, "--json", *options)
+    assert info.exit_code == 0, info.output
+    predicted = json.loads(info.stdout)
+    compared = run("compare", clip, "what?", "--json", "--methods", "full,statekv",
+                   "--max-new-tokens", "2", *options)
+    assert compared.exit_code == 0, compared.output
+    rows = {row["method"]: row for row in json.loads(compared.stdout)["methods"]}
+    assert rows["statekv"]["carried_tokens"] == 20
+    if predicted["predicted"]["exact_layout"]:  # the adapter can lay the video out without pixels
+        for method in ("full", "statekv"):
+            assert (predicted["predicted"]["methods"][method]["lm_prefill_flops"]
+                    == rows[method]["lm_prefill_flops"])
+        assert predicted["tokens_per_frame"] == rows["full"]["stats"]["tokens_per_frame"]

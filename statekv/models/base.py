@@ -123,7 +123,8 @@ class VideoAdapter(ABC):
         """
 
     def layout_tokens(self, frame_count: int, timestamps: tuple[float, ...],
-                      prompt: PromptPieces) -> list[int] | None:
+                      prompt: PromptPieces, frame_size: tuple[int, int] | None = None
+                      ) -> list[int] | None:
         """Token counts of the prefix, then of each frame, without pixels (None if unknown).
 
         Lets `statekv info` predict FLOPs exactly without loading weights or decoding frames.

@@ -57,7 +57,7 @@ class InternVLAdapter(VideoAdapter):
         self._prompt = prompt
         return sum(self.layout_tokens(frame_count, timestamps, prompt))
 
-    def layout_tokens(self, frame_count, timestamps, prompt) -> list[int]:
+    def layout_tokens(self, frame_count, timestamps, prompt, frame_size=None) -> list[int]:
         return [len(self._tokenize(prompt.prefix))] + [
             len(self._frame_ids(i)) for i in range(frame_count)]
 

@@ -139,6 +139,21 @@ class MRopeVideoAdapter(VideoAdapter):
         self._layout = self._plan(*self._size_hint)
         return len(self._layout.ids)
 
+    def layout_tokens(self, frame_count, timestamps, prompt, frame_size=None) -> list[int] | None:
+        """Prefix, then each frame's share of its temporal patch (a patch's tokens split over
+        its two frames), from the frame size alone: no pixels, no weights."""
+        if frame_size is None:
+            return None
+        self._timestamps = tuple(float(t) for t in timestamps)
+        resized = self.resized(*frame_size, frame_count)
+        unit = self._unit_tokens(resized)
+        counts = [len(self._tokenize(prompt.prefix))]
+        for index in range(math.ceil(frame_count / self.frames_per_unit)):
+            tokens = len(self.patch_ids(index, unit))
+            frames = min(self.frames_per_unit, frame_count - index * self.frames_per_unit)
+            counts += [tokens - tokens // 2, tokens // 2][:frames] if frames > 1 else [tokens]
+        return counts
+
     def _tokenize(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False)
 

@@ -1,0 +1,58 @@
+"""Shipped presets: valid, of supported families, and packaged inside the wheel."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+
+import pytest
+
+from statekv.errors import InputError, UsageError
+from statekv.models import families
+from statekv.presets import DEFAULT_PRESET, list_presets, load_preset, parse_preset
+
+
+def test_every_shipped_preset_is_valid_and_served():
+    presets = list_presets()
+    names = {p.name for p in presets}
+    assert DEFAULT_PRESET in names
+    assert {"internvl3-1b", "qwen3-vl-2b", "qwen2.5-vl-7b", "smolvlm2-500m",
+            "llava-onevision-0.5b"} <= names
+    for preset in presets:
+        assert preset.family in families(), preset.name
+        assert preset.license and preset.license != "unknown"
+        assert preset.architecture.tokens_per_frame > 0
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"budget": 0}, "budget"), ({"budget": "x"}, "budget"), ({"colour": 1}, "unknown field"),
+    ({"method": "magic"}, "method"), ({"architecture": {"layers": 1}}, "architecture"),
+])
+def test_bad_fields_are_named(change, message):
+    data = load_preset("internvl3-1b").to_dict()
+    data.update(change)
+    with pytest.raises(InputError, match=message):
+        parse_preset(data, "test.yaml")
+
+
+def test_malformed_yaml_and_unknown_names(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: [unclosed\n")
+    with pytest.raises(InputError, match="malformed YAML"):
+        load_preset(str(bad))
+    with pytest.raises(UsageError, match="unknown preset"):
+        load_preset("no-such-preset")
+
+
+def test_presets_ship_inside_the_wheel(tmp_path):
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", ".", "--no-deps",
+                            "--no-build-isolation", "-w", str(tmp_path), "-q"],
+                           capture_output=True, text=True, timeout=300)
+    assert built.returncode == 0, built.stderr[-2000:]
+    wheel = next(tmp_path.glob("statekv-*.whl"))
+    names = zipfile.ZipFile(wheel).namelist()
+    shipped = {n.rsplit("/", 1)[-1][:-5] for n in names if n.startswith("statekv/presets/")
+               and n.endswith(".yaml")}
+    assert {p.name for p in list_presets()} <= shipped
+    assert "statekv_cli/app.py" in names
