@@ -397,11 +397,30 @@ def summarize(videos: list[str], options: Any, prompt: str | None = None,
 def _run_local(todo, options, prompt, settings, digest, emit, on_video, on_event) -> None:
     from statekv import tasks
 
+    _preflight(todo, options)
     model, resolved = tasks.load_model(options)
     for path in todo:
         if on_video:
             on_video("start", path, None)
         emit(summarize_one(model, resolved, options, path, prompt, settings, digest, on_event))
+
+
+def _preflight(todo: list[str], options: Any) -> None:
+    """Check memory on the first readable video before the model loads (`--force` skips).
+
+    Unreadable videos are passed over here: each gets its own error record later.
+    """
+    from statekv import tasks
+
+    if options.force:
+        return
+    for path in todo:
+        try:
+            run = tasks.plan_run(path, options)
+        except StateKVError:
+            continue
+        tasks.preflight(run, force=False)
+        return
 
 
 # Ray ---------------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from statekv_cli.options import (
     Device,
     Dtype,
     End,
+    Force,
     Fps,
     MaxFrames,
     MaxNewTokens,
@@ -75,7 +76,7 @@ def summarize(
     max_new_tokens: MaxNewTokens = None, device: Device = "auto", dtype: Dtype = None,
     seed: Seed = 0, quiet: Quiet = False, debug: Debug = False,
     pin_prefix: PinPrefix = False, attention: Attention = "sdpa",
-    trust_remote_code: TrustRemoteCode = False,
+    trust_remote_code: TrustRemoteCode = False, force: Force = False,
 ) -> None:
     """Summarise many videos: one prefill each, one JSON line per video, resumable.
 
@@ -90,7 +91,8 @@ def summarize(
         preset=preset, model=model, method=method, budget=budget, window_frames=window_frames,
         max_frames=max_frames, fps=fps, start=start, end=end, chunk_frames=chunk_frames,
         max_new_tokens=max_new_tokens, device=device, dtype=dtype, seed=seed,
-        pin_prefix=pin_prefix, attention=attention, trust_remote_code=trust_remote_code)
+        pin_prefix=pin_prefix, attention=attention, trust_remote_code=trust_remote_code,
+        force=force)
     options.validate()
     videos = batch.find_videos(paths, glob)
     if shard_spec:

@@ -298,3 +298,15 @@ def _reference(tiny_model):
             AutoModelForImageTextToText.from_pretrained(path, attn_implementation="sdpa").eval(),
             AutoProcessor.from_pretrained(path))
     return _REFERENCES[path]
+
+
+def test_batch_preflight_refuses_before_loading(clip, tiny_internvl_dir, monkeypatch, tmp_path):
+    import statekv.predict
+
+    monkeypatch.setattr(statekv.predict, "available_memory", lambda device: 1024)
+    out = tmp_path / "s.jsonl"
+    args = ["summarize", str(clip), "--out", str(out), "--model", str(tiny_internvl_dir), *FAST]
+    refused = runner.invoke(app, args)
+    assert refused.exit_code == 5 and "--force" in refused.stderr
+    assert runner.invoke(app, [*args, "--force"]).exit_code == 0
+    assert json.loads(out.read_text().splitlines()[-1])["status"] == "ok"
