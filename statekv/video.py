@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import itertools
 import math
 import numbers
@@ -130,6 +131,25 @@ def probe(path: str | os.PathLike) -> VideoInfo:
     """Learn a video's duration, frame rate, frame count and size, or say why it is unusable."""
     name = os.fspath(path)
     _check_file(name)
+    return _probe_file(name, *_identity(name))
+
+
+def _identity(path: str) -> tuple[int, int]:
+    """(size, mtime) so memoised answers are dropped when the file changes."""
+    status = os.stat(path)
+    return status.st_size, status.st_mtime_ns
+
+
+def clear_cache() -> None:
+    """Forget memoised probes and timestamps (files are re-read on next use)."""
+    _probe_file.cache_clear()
+    _frame_timestamps.cache_clear()
+
+
+@functools.lru_cache(maxsize=64)
+def _probe_file(name: str, size: int, mtime: int) -> VideoInfo:
+    # Memoised: a command probes, plans and then prefills the same file, and every decord
+    # open scans the file's whole packet index.
     info = _probe_decord(name)
     if info is None:
         return _probe_ffprobe(name)
@@ -401,7 +421,18 @@ def _on_screen(times: np.ndarray, at: np.ndarray) -> np.ndarray:
 def frame_timestamps(path: str | os.PathLike) -> list[float] | None:
     """Each frame's presentation time in seconds (first frame = 0), for exact planning of
     variable-frame-rate videos; None when decord is unavailable or cannot tell."""
-    reader = _open_decord(os.fspath(path), None)
+    name = os.fspath(path)
+    try:
+        identity = _identity(name)
+    except OSError:
+        return None
+    times = _frame_timestamps(name, *identity)
+    return None if times is None else list(times)
+
+
+@functools.lru_cache(maxsize=64)
+def _frame_timestamps(name: str, size: int, mtime: int) -> tuple[float, ...] | None:
+    reader = _open_decord(name, None)
     if reader is None:
         return None
     try:
@@ -411,7 +442,7 @@ def frame_timestamps(path: str | os.PathLike) -> list[float] | None:
     starts = starts - starts[0]
     if np.any(np.diff(starts) < 0):
         return None
-    return [round(float(t), 6) for t in starts]
+    return tuple(round(float(t), 6) for t in starts)
 
 
 def iter_chunks(

@@ -15,6 +15,15 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+@pytest.fixture(autouse=True)
+def _fresh_video_cache():
+    """Probes are memoised per file; tests that swap decoders must not see earlier answers."""
+    from statekv import video
+
+    video.clear_cache()
+    yield
+
+
 
 @dataclass(frozen=True)
 class FamilySpec:
