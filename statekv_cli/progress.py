@@ -9,7 +9,10 @@ from contextlib import contextmanager
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
 
-from statekv.prefill import PrefillEvent
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the CLI starts fast: torch loads only when a command needs it
+    from statekv.prefill import PrefillEvent
 
 stderr = Console(stderr=True)
 
