@@ -62,21 +62,61 @@ def linear_flops(shape: LMShape, tokens: int) -> int:
     return 2 * shape.linear_params * tokens
 
 
-def attention_flops(shape: LMShape, queries: int, carried: int) -> int:
-    """QK^T + PV FLOPs of a chunk of `queries` tokens over `carried` earlier keys, all layers."""
-    visible = queries * carried + queries * (queries + 1) // 2
-    return 4 * shape.heads * shape.head_dim * visible * shape.layers
+def attention_flops(shape: LMShape, queries: int, carried: int, causal: bool = True) -> int:
+    """QK^T + PV FLOPs of a chunk of `queries` tokens over `carried` earlier keys, all layers.
+
+    `causal` (the convention) counts only the (query, key) pairs a query may see; False counts
+    the whole rectangle, which is what dense matmuls (the eager path) actually multiply.
+    """
+    own = queries * (queries + 1) // 2 if causal else queries * queries
+    return 4 * shape.heads * shape.head_dim * (queries * carried + own) * shape.layers
 
 
-def mass_flops(shape: LMShape, queries: int, carried: int) -> int:
+def mass_flops(shape: LMShape, queries: int, carried: int, causal: bool = True) -> int:
     """The extra QK^T pass StateKV runs to measure each key's attention mass."""
-    return attention_flops(shape, queries, carried) // 2
+    return attention_flops(shape, queries, carried, causal) // 2
 
 
 def chunk_flops(shape: LMShape, queries: int, carried: int, mass: bool) -> int:
     """LM prefill FLOPs of one chunk as it actually ran."""
     flops = linear_flops(shape, queries) + attention_flops(shape, queries, carried)
     return flops + (mass_flops(shape, queries, carried) if mass else 0)
+
+
+def policy_chunk_flops(shape: LMShape, chunk_tokens: list[int], policy: Any,
+                       pin_prefix: bool = False) -> list[int]:
+    """LM FLOPs of each chunk (text prefix first) under a policy, as the prefill loop counts them.
+
+    The carried state a chunk sees is the pinned prefix plus min(capacity, history); the mass
+    pass runs when [carried ; chunk] exceeds the capacity (a selection is needed).
+    """
+    flops, seen, pinned = [], 0, 0
+    for tokens in chunk_tokens:
+        history = seen - pinned
+        carried = pinned + (history if policy.capacity is None else min(policy.capacity, history))
+        mass = policy.needs_mass and carried - pinned + tokens > (policy.capacity or 0)
+        flops.append(chunk_flops(shape, tokens, carried, mass))
+        seen += tokens
+        if pinned == 0 and (pin_prefix or policy.pins_prefix):
+            pinned = seen
+    return flops
+
+
+def prefill_memory_bytes(shape: LMShape, parameters: int, element_size: int, total_tokens: int,
+                         chunk_tokens: int, carried_tokens: int, hidden: int, intermediate: int,
+                         mass: bool, mass_block_entries: int = 1 << 22) -> int:
+    """Estimated peak bytes of a prefill: weights + detailed cache + carried state + the largest
+    chunk's activations (+ one float32 block of the mass pass, which never holds more).
+    `mass`: the policy gathers its carried state and measures masses (StateKV)."""
+    detailed = total_tokens * shape.kv_bytes_per_token(element_size)
+    # StateKV gathers its carried state into buffers of its own; recency policies use views.
+    carried = (carried_tokens + chunk_tokens) * shape.kv_bytes_per_token(element_size) if mass else 0
+    activations = element_size * chunk_tokens * (4 * hidden + 2 * intermediate)
+    if mass:
+        rows = shape.heads * chunk_tokens
+        activations += 4 * min(rows * (carried_tokens + chunk_tokens),
+                               max(mass_block_entries, rows * chunk_tokens))
+    return parameters * element_size + detailed + carried + activations
 
 
 def full_prefill_flops(shape: LMShape, chunk_tokens: list[int]) -> int:
@@ -114,12 +154,18 @@ def count_flops(fn, *args, **kwargs) -> tuple[Any, int]:
 
 
 # memory ----------------------------------------------------------------------------------
+_process: Any = None
+
+
 def rss_bytes() -> int:
     """Current resident set size of this process."""
+    global _process
     try:
         import psutil
 
-        return int(psutil.Process(os.getpid()).memory_info().rss)
+        if _process is None or _process.pid != os.getpid():  # one handle per process (fork-safe)
+            _process = psutil.Process(os.getpid())
+        return int(_process.memory_info().rss)
     except ImportError:  # pragma: no cover - psutil is a dependency
         with open("/proc/self/statm") as f:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")

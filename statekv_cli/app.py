@@ -40,6 +40,7 @@ from statekv_cli.options import (
     run_options,
 )
 from statekv_cli.progress import flops, live_enabled, prefill_display, size
+from statekv_cli.bench import bench
 from statekv_cli.summarize import summarize
 
 app = typer.Typer(
@@ -62,6 +63,7 @@ presets_app = typer.Typer(help="List the shipped model presets, or show one.",
                           invoke_without_command=True, rich_markup_mode=None)
 app.add_typer(presets_app, name="presets")
 app.command("summarize")(summarize)
+app.command("bench")(bench)
 def _print_warnings(warnings: list[str], quiet: bool) -> None:
     if not quiet:
         for warning in warnings:

@@ -1,0 +1,485 @@
+"""The scaling benchmark: language-model prefill cost against the number of frames, per method.
+
+Measured mode builds a preset's language model as the real transformers text class with
+random weights (no download), feeds it synthetic frames (random embeddings, `tokens_per_frame`
+per frame, 1-D positions) through the same engine path users run (`statekv.prefill.prefill`),
+and times the language-model prefill only. Analytic mode gives the same table for real
+checkpoints from the preset's architecture numbers, without weights.
+
+    rows = run_bench("bench-tiny", frames=[64, 256], methods=["full", "statekv"])
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import statistics
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+import numpy as np
+import torch
+
+from statekv import accounting
+from statekv.errors import UsageError
+from statekv.models.base import QUESTION_SENTINEL, ChunkInputs, PromptPieces, VideoAdapter
+from statekv.policies import Policy, make_policy
+from statekv.prefill import PrefillEvent, forward_chunk, prefill
+from statekv.presets import Architecture, Preset, load_preset
+
+DEFAULT_FRAMES = (32, 64, 128, 256, 512, 1024)
+DEFAULT_METHODS = ("full", "window", "statekv")
+PREFIX_TOKENS = 16  # synthetic text before the video (a chat template's system + user start)
+EMBEDDING_POOL_FRAMES = 16  # distinct random frames, cycled: keeps input generation off the clock
+# Language-model classes by preset family: all shipped families use a Qwen2-style decoder.
+TEXT_MODELS = {"internvl": "qwen2"}
+
+
+@dataclass
+class BenchRow:
+    """One (frames, method) cell of the benchmark table; seconds are None in analytic mode."""
+
+    frames: int
+    method: str
+    budget: int | None
+    window_frames: int | None
+    tokens: int  # prefilled tokens (prefix + frames)
+    lm_prefill_flops: int
+    full_lm_prefill_flops: int
+    lm_prefill_seconds: float | None = None  # median over repeats
+    lm_prefill_seconds_runs: list[float] = field(default_factory=list)
+    chunk_ms_first: float | None = None  # median chunk time, first 10% after the state fills
+    chunk_ms_last: float | None = None  # median chunk time, last 10% of chunks
+    flatness: float | None = None  # chunk_ms_last / chunk_ms_first
+    last_chunk_flops: int = 0  # LM FLOPs of the final chunk (per-frame cost at frame N)
+    peak_memory_bytes: int | None = None  # measured (max over repeats) or estimated
+    detailed_cache_bytes: int = 0
+    carried_tokens: int = 0
+    analytic: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+CSV_FIELDS = tuple(f.name for f in fields(BenchRow) if f.name != "lm_prefill_seconds_runs")
+
+
+# the synthetic model -----------------------------------------------------------------------
+def resolve_architecture(preset_or_arch: str | Preset | Architecture) -> tuple[Architecture, Preset | None]:
+    """An Architecture from a preset name, preset file, Preset or Architecture."""
+    if isinstance(preset_or_arch, Architecture):
+        return preset_or_arch, None
+    preset = load_preset(preset_or_arch) if isinstance(preset_or_arch, str) else preset_or_arch
+    if TEXT_MODELS.get(preset.family, "qwen2") != "qwen2":  # pragma: no cover - one class today
+        raise UsageError(f"no benchmark language model for family {preset.family!r}")
+    return preset.architecture, preset
+
+
+def text_config(arch: Architecture, max_positions: int = 1 << 20) -> Any:
+    """The transformers config of the preset's language model (Qwen2 for the shipped families)."""
+    from transformers import Qwen2Config
+
+    return Qwen2Config(
+        hidden_size=arch.hidden, intermediate_size=arch.intermediate,
+        num_hidden_layers=arch.layers, num_attention_heads=arch.heads,
+        num_key_value_heads=arch.kv_heads, head_dim=arch.resolved_head_dim,
+        vocab_size=64,  # the benchmark feeds embeddings; a real vocabulary would only cost memory
+        max_position_embeddings=max_positions, use_sliding_window=False,
+        tie_word_embeddings=False,
+    )
+
+
+def build_language_model(arch: Architecture, dtype: torch.dtype = torch.float32,
+                         device: str | torch.device = "cpu", seed: int = 0) -> torch.nn.Module:
+    """The real transformers text model of `arch` with random weights, in eval mode."""
+    from transformers import Qwen2Model
+
+    from statekv.attention import ATTENTION_NAME
+
+    torch.manual_seed(seed)
+    model = Qwen2Model(text_config(arch)).to(device=device, dtype=dtype).eval()
+    model.set_attn_implementation(ATTENTION_NAME)
+    return model
+
+
+class SyntheticAdapter(VideoAdapter):
+    """A model family whose frames are random embeddings: drives the real prefill loop."""
+
+    family = "synthetic"
+    model_types = ()
+
+    def __init__(self, language_model: torch.nn.Module, tokens_per_frame: int,
+                 prefix_tokens: int = PREFIX_TOKENS, seed: int = 0) -> None:
+        self.model = language_model
+        self.processor = self.tokenizer = None
+        self._tokens_per_frame = tokens_per_frame
+        self.prefix_tokens = prefix_tokens
+        hidden = language_model.config.hidden_size
+        generator = torch.Generator().manual_seed(seed)
+        pool = torch.randn(EMBEDDING_POOL_FRAMES, tokens_per_frame, hidden, generator=generator)
+        self._pool = pool.to(self.device, self.dtype)  # (pool frames, tokens_per_frame, hidden)
+        self._text = torch.randn(1, max(1, prefix_tokens), hidden, generator=generator).to(
+            self.device, self.dtype)
+
+    @property
+    def language_model(self) -> torch.nn.Module:
+        return self.model
+
+    def tokens_per_frame(self, height=None, width=None) -> int:
+        return self._tokens_per_frame
+
+    def prompt(self, system_prompt=None) -> PromptPieces:
+        return PromptPieces(prefix="", suffix=QUESTION_SENTINEL)
+
+    def start(self, frame_count, timestamps, prompt, frame_size=None, duration=None) -> int:
+        return self.prefix_tokens + frame_count * self._tokens_per_frame
+
+    def layout_tokens(self, frame_count, timestamps, prompt, frame_size=None) -> list[int]:
+        return [self.prefix_tokens] + [self._tokens_per_frame] * frame_count
+
+    def prefix_chunk(self) -> ChunkInputs:
+        return self.token_chunk([0] * self.prefix_tokens, 0)
+
+    def video_chunk(self, frames, first: int, offset: int) -> ChunkInputs:
+        index = [(first + i) % EMBEDDING_POOL_FRAMES for i in range(len(frames))]
+        embeds = self._pool[index].reshape(1, -1, self._pool.shape[-1])
+        ids = [0] * embeds.shape[1]
+        return ChunkInputs(ids, embeds, _positions(offset, len(ids), self.device), frames=len(frames))
+
+    def text_chunk(self, text: str, offset: int) -> ChunkInputs:
+        return self.token_chunk([0] * max(1, len(text.split())), offset)
+
+    def token_chunk(self, token_ids, offset) -> ChunkInputs:
+        tokens = len(token_ids)
+        embeds = self._text[:, :1].expand(1, tokens, -1).contiguous()
+        return ChunkInputs(list(token_ids), embeds, _positions(offset, tokens, self.device))
+
+
+def _positions(offset: int, length: int, device) -> torch.Tensor:
+    return torch.arange(offset, offset + length, device=device).unsqueeze(0)
+
+
+@dataclass
+class _FrameRun:
+    """Placeholder frames shaped like video.FrameChunk (the adapter only counts them)."""
+
+    frames: np.ndarray
+    first: int
+    timestamps: tuple[float, ...]
+
+
+def synthetic_chunks(frame_count: int, chunk_frames: int) -> Iterator[_FrameRun]:
+    for first in range(0, frame_count, chunk_frames):
+        n = min(chunk_frames, frame_count - first)
+        yield _FrameRun(np.zeros((n, 1, 1, 3), np.uint8), first,
+                        tuple(float(i) for i in range(first, first + n)))
+
+
+# measured mode -----------------------------------------------------------------------------
+@dataclass
+class _Run:
+    seconds: float
+    chunk_seconds: list[float]  # per video chunk, wall time of one loop iteration
+    lm_prefill_flops: int
+    full_lm_prefill_flops: int
+    last_chunk_flops: int
+    peak_memory_bytes: int
+    detailed_cache_bytes: int
+    carried_tokens: int
+    fill_chunk: int  # first video chunk whose carried state was at capacity
+
+
+def _policy(method: str, budget: int, window_frames: int, tokens_per_frame: int) -> Policy:
+    return make_policy(method, budget=budget, window_tokens=window_frames * tokens_per_frame)
+
+
+def _run_once(adapter: SyntheticAdapter, policy: Policy, frame_count: int, chunk_frames: int,
+              attention: str) -> _Run:
+    events: list[PrefillEvent] = []
+    gc.collect()
+    memory = accounting.PeakMemory(adapter.device)
+    with memory:
+        result = prefill(adapter, synthetic_chunks(frame_count, chunk_frames), policy,
+                         frame_count=frame_count, timestamps=(), attention=attention,
+                         on_event=events.append, memory=memory)
+    elapsed = [e.elapsed_seconds for e in events]  # events[0] is the text prefix
+    flops = [e.lm_prefill_flops for e in events]
+    capacity = policy.capacity
+    fill = next((i for i, e in enumerate(events[1:])
+                 if capacity is not None and e.carried_tokens >= capacity), 0)
+    run = _Run(
+        seconds=result.seconds.get("lm_prefill_seconds", 0.0),
+        chunk_seconds=list(np.diff(elapsed)),
+        lm_prefill_flops=result.lm_prefill_flops,
+        full_lm_prefill_flops=result.full_lm_prefill_flops,
+        last_chunk_flops=flops[-1] - flops[-2] if len(flops) > 1 else flops[-1],
+        peak_memory_bytes=memory.peak_bytes(),
+        detailed_cache_bytes=result.cache.detailed_bytes(),
+        carried_tokens=result.cache.carried_tokens,
+        fill_chunk=fill,
+    )
+    del result, events
+    return run
+
+
+def flatness(chunk_seconds: Sequence[float], fill_chunk: int) -> tuple[float, float, float] | None:
+    """(first ms, last ms, last/first): median chunk time of the first 10% of chunks after the
+    carried state is full against the last 10% of all chunks; None when too few chunks."""
+    count = len(chunk_seconds)
+    tenth = max(1, count // 10)
+    if fill_chunk + tenth > count:
+        return None
+    first = statistics.median(chunk_seconds[fill_chunk:fill_chunk + tenth]) * 1e3
+    last = statistics.median(chunk_seconds[-tenth:]) * 1e3
+    return first, last, last / first if first > 0 else math.nan
+
+
+def _row(frames: int, tokens: int, method: str, policy: Policy, window_frames: int,
+         runs: list[_Run]) -> BenchRow:
+    per_chunk = [statistics.median(times) for times in zip(*(r.chunk_seconds for r in runs))]
+    flat = flatness(per_chunk, runs[0].fill_chunk)
+    last = runs[-1]
+    return BenchRow(
+        frames=frames, method=method, budget=policy.budget,
+        window_frames=window_frames if method == "window" else None,
+        tokens=tokens, lm_prefill_flops=last.lm_prefill_flops,
+        full_lm_prefill_flops=last.full_lm_prefill_flops,
+        lm_prefill_seconds=statistics.median(r.seconds for r in runs),
+        lm_prefill_seconds_runs=[round(r.seconds, 4) for r in runs],
+        chunk_ms_first=flat and flat[0], chunk_ms_last=flat and flat[1],
+        flatness=flat and flat[2], last_chunk_flops=last.last_chunk_flops,
+        peak_memory_bytes=max(r.peak_memory_bytes for r in runs),
+        detailed_cache_bytes=last.detailed_cache_bytes, carried_tokens=last.carried_tokens,
+    )
+
+
+def run_bench(
+    preset_or_arch: str | Preset | Architecture = "bench-tiny",
+    frames: Sequence[int] = DEFAULT_FRAMES,
+    methods: Sequence[str] = DEFAULT_METHODS,
+    *,
+    budget: int | None = None,
+    window_frames: int | None = None,
+    repeats: int = 3,
+    tokens_per_frame: int | None = None,
+    chunk_frames: int = 1,
+    attention: str = "sdpa",
+    dtype: str = "float32",
+    device: str = "cpu",
+    seed: int = 0,
+    threads: int | None = None,
+    warmup: bool = True,
+    on_row: Callable[[BenchRow], None] | None = None,
+) -> list[BenchRow]:
+    """Time the LM prefill of synthetic frames for every (frames, method); one row each.
+
+    Budget and window default to the preset's (or 4096 tokens / 16 frames for a bare
+    Architecture); tokens per frame to the architecture's. `threads` sets torch's intra-op
+    threads for the run (None: torch's default, one per core).
+    """
+    previous = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        return _run_bench(preset_or_arch, frames, methods, budget, window_frames, repeats,
+                          tokens_per_frame, chunk_frames, attention, dtype, device, seed,
+                          warmup, on_row)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _run_bench(preset_or_arch, frames, methods, budget, window_frames, repeats, tokens_per_frame,
+               chunk_frames, attention, dtype, device, seed, warmup, on_row) -> list[BenchRow]:
+    arch, preset = resolve_architecture(preset_or_arch)
+    budget = budget or (preset.budget if preset else 4096)
+    window_frames = window_frames or (preset.window_frames if preset else 16)
+    tokens_per_frame = tokens_per_frame or arch.tokens_per_frame
+    _check(frames, methods, budget, window_frames, repeats, tokens_per_frame, chunk_frames)
+    model = build_language_model(arch, getattr(torch, dtype), device, seed)
+    adapter = SyntheticAdapter(model, tokens_per_frame, seed=seed)
+    if warmup:  # first calls allocate and pick kernels: keep that off every row's clock
+        for method in methods:
+            _run_once(adapter, _policy(method, budget, window_frames, tokens_per_frame),
+                      min(4, min(frames)), chunk_frames, attention)
+    rows = []
+    for frame_count in frames:
+        for method in methods:
+            policy = _policy(method, budget, window_frames, tokens_per_frame)
+            runs = [_run_once(adapter, policy, frame_count, chunk_frames, attention)
+                    for _ in range(repeats)]
+            tokens = PREFIX_TOKENS + frame_count * tokens_per_frame
+            row = _row(frame_count, tokens, method, policy, window_frames, runs)
+            rows.append(row)
+            if on_row is not None:
+                on_row(row)
+    return rows
+
+
+def _check(frames, methods, budget, window_frames, repeats, tokens_per_frame, chunk_frames) -> None:
+    from statekv.policies import METHODS
+
+    if not frames or min(frames) < 1:
+        raise UsageError("--frames needs at least one positive frame count")
+    unknown = [m for m in methods if m not in METHODS]
+    if not methods or unknown:
+        raise UsageError(f"unknown method(s) {', '.join(unknown) or '(none)'}; "
+                         f"choose from: {', '.join(METHODS)}")
+    for name, value in (("--budget", budget), ("--window-frames", window_frames),
+                        ("--repeats", repeats), ("tokens per frame", tokens_per_frame),
+                        ("--chunk-frames", chunk_frames)):
+        if value < 1:
+            raise UsageError(f"{name} must be at least 1, got {value}")
+
+
+# analytic mode -----------------------------------------------------------------------------
+def analytic_bench(
+    preset_or_arch: str | Preset | Architecture = "internvl3-1b",
+    frames: Sequence[int] = (512, 3600),
+    methods: Sequence[str] = DEFAULT_METHODS,
+    *,
+    budget: int | None = None,
+    window_frames: int | None = None,
+    tokens_per_frame: int | None = None,
+    chunk_frames: int = 1,
+    element_size: int = 2,
+    on_row: Callable[[BenchRow], None] | None = None,
+) -> list[BenchRow]:
+    """The benchmark table from the architecture numbers alone: FLOPs and memory, no seconds.
+
+    Uses the engine's own per-chunk accounting (the loop's formula, the same carried-state
+    sizes), so a measured run of the same shape reports the same FLOPs. Memory is weights +
+    detailed cache + the largest chunk's activations, at `element_size` bytes (2 = bf16).
+    """
+    arch, preset = resolve_architecture(preset_or_arch)
+    budget = budget or (preset.budget if preset else 4096)
+    window_frames = window_frames or (preset.window_frames if preset else 16)
+    tokens_per_frame = tokens_per_frame or arch.tokens_per_frame
+    _check(frames, methods, budget, window_frames, 1, tokens_per_frame, chunk_frames)
+    shape = accounting.LMShape.from_config(text_config(arch))
+    parameters = preset.parameters if preset else 0
+    rows = []
+    for frame_count in frames:
+        chunks = [PREFIX_TOKENS] + [
+            tokens_per_frame * min(chunk_frames, frame_count - first)
+            for first in range(0, frame_count, chunk_frames)]
+        for method in methods:
+            policy = _policy(method, budget, window_frames, tokens_per_frame)
+            row = _analytic_row(shape, arch, parameters, element_size, chunks, policy,
+                                frame_count, method, window_frames)
+            rows.append(row)
+            if on_row is not None:
+                on_row(row)
+    return rows
+
+
+def _analytic_row(shape, arch, parameters, element_size, chunks, policy, frame_count, method,
+                  window_frames) -> BenchRow:
+    per_chunk = accounting.policy_chunk_flops(shape, chunks, policy)
+    full = accounting.policy_chunk_flops(shape, chunks, make_policy("full"))
+    total = sum(chunks)
+    carried = total if policy.capacity is None else min(policy.capacity, total)
+    detailed = total * shape.kv_bytes_per_token(element_size)
+    memory = accounting.prefill_memory_bytes(
+        shape, parameters, element_size, total, max(chunks[1:]), carried,
+        arch.hidden, arch.intermediate, mass=policy.needs_mass)
+    return BenchRow(
+        frames=frame_count, method=method, budget=policy.budget,
+        window_frames=window_frames if method == "window" else None, tokens=total,
+        lm_prefill_flops=sum(per_chunk), full_lm_prefill_flops=sum(full),
+        last_chunk_flops=per_chunk[-1], peak_memory_bytes=memory,
+        detailed_cache_bytes=detailed, carried_tokens=carried, analytic=True,
+    )
+
+
+# decode rate -------------------------------------------------------------------------------
+def decode_rates(
+    preset_or_arch: str | Preset | Architecture = "bench-tiny",
+    frames: int = 64,
+    questions: int = 8,
+    new_tokens: int = 32,
+    question_tokens: int = 16,
+    method: str = "statekv",
+    *,
+    budget: int | None = None,
+    window_frames: int | None = None,
+    seed: int = 0,
+) -> list[float]:
+    """Decode tokens/s of each of `questions` successive questions on one prefilled session.
+
+    Each question is prefilled after the video, then `new_tokens` tokens are decoded one at a
+    time over the detailed cache, then the cache is rewound: the rate must not fall with the
+    number of questions already asked.
+    """
+    arch, preset = resolve_architecture(preset_or_arch)
+    budget = budget or (preset.budget if preset else 4096)
+    window_frames = window_frames or (preset.window_frames if preset else 16)
+    model = build_language_model(arch, seed=seed)
+    adapter = SyntheticAdapter(model, arch.tokens_per_frame, seed=seed)
+    policy = _policy(method, budget, window_frames, arch.tokens_per_frame)
+    with torch.inference_mode():
+        result = prefill(adapter, synthetic_chunks(frames, 1), policy, frame_count=frames,
+                         timestamps=())
+        cache = result.cache
+        rates = []
+        for _ in range(questions):
+            forward_chunk(adapter, cache, adapter.token_chunk([0] * question_tokens,
+                                                              cache.detailed_tokens))
+            started = time.perf_counter()
+            for _ in range(new_tokens):
+                forward_chunk(adapter, cache, adapter.token_chunk([0], cache.detailed_tokens))
+            rates.append(new_tokens / (time.perf_counter() - started))
+            cache.rewind()
+    return rates
+
+
+# output ------------------------------------------------------------------------------------
+def write_csv(rows: Sequence[BenchRow], path: str) -> None:
+    import csv
+
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow(row.to_dict())
+
+
+def speedups(rows: Sequence[BenchRow]) -> dict[tuple[int, str], float]:
+    """Measured seconds of `full` over each method's, per (frames, method)."""
+    full = {r.frames: r.lm_prefill_seconds for r in rows if r.method == "full"}
+    return {(r.frames, r.method): full[r.frames] / r.lm_prefill_seconds
+            for r in rows if r.frames in full and r.lm_prefill_seconds and full[r.frames]}
+
+
+def plot(rows: Sequence[BenchRow], path: str, title: str = "") -> None:
+    """FLOPs and seconds against frames, one line per method (matplotlib: the `plot` extra)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise UsageError("plotting needs matplotlib: pip install 'statekv[plot]'") from None
+    measured = any(r.lm_prefill_seconds is not None for r in rows)
+    panels = 2 if measured else 1
+    fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4), squeeze=False)
+    for method in dict.fromkeys(r.method for r in rows):
+        mine = sorted((r for r in rows if r.method == method), key=lambda r: r.frames)
+        xs = [r.frames for r in mine]
+        axes[0][0].plot(xs, [r.lm_prefill_flops for r in mine], marker="o", label=method)
+        if measured:
+            axes[0][1].plot(xs, [r.lm_prefill_seconds for r in mine], marker="o", label=method)
+    labels = ["LM prefill FLOPs", "LM prefill seconds (median)"]
+    for ax, label in zip(axes[0], labels):
+        ax.set_xlabel("frames")
+        ax.set_ylabel(label)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
