@@ -90,16 +90,28 @@ def policy_chunk_flops(shape: LMShape, chunk_tokens: list[int], policy: Any,
     The carried state a chunk sees is the pinned prefix plus min(capacity, history); the mass
     pass runs when [carried ; chunk] exceeds the capacity (a selection is needed).
     """
+    pinning = pin_prefix or policy.pins_prefix
     flops, seen, pinned = [], 0, 0
-    for tokens in chunk_tokens:
-        history = seen - pinned
-        carried = pinned + (history if policy.capacity is None else min(policy.capacity, history))
-        mass = policy.needs_mass and carried - pinned + tokens > (policy.capacity or 0)
+    for index, tokens in enumerate(chunk_tokens):
+        carried = carried_before(policy, seen, pinned)
+        # A prefix about to be pinned runs as plain causal attention: nothing is selected.
+        mass = not (pinning and index == 0) and mass_pass(policy, carried, pinned, tokens)
         flops.append(chunk_flops(shape, tokens, carried, mass))
         seen += tokens
-        if pinned == 0 and (pin_prefix or policy.pins_prefix):
+        if pinned == 0 and pinning:
             pinned = seen
     return flops
+
+
+def carried_before(policy: Any, seen: int, pinned: int) -> int:
+    """Keys a chunk sees besides its own (pinned prefix + carried state) after `seen` tokens."""
+    history = seen - pinned
+    return pinned + (history if policy.capacity is None else min(policy.capacity, history))
+
+
+def mass_pass(policy: Any, carried: int, pinned: int, tokens: int) -> bool:
+    """Whether the chunk measures masses: StateKV, when [carried ; chunk] exceeds the budget."""
+    return policy.needs_mass and carried - pinned + tokens > (policy.capacity or 0)
 
 
 def prefill_memory_bytes(shape: LMShape, parameters: int, element_size: int, total_tokens: int,

@@ -32,6 +32,7 @@ class StateLayer(CacheLayerMixin):
         self.seen = 0  # tokens in the detailed cache
         self.pinned = 0  # leading tokens always visible, outside the budget
         self.answering = False
+        self.prefixing = False  # the text prefix about to be pinned: plain causal attention
         self.wants_mass = False
         self.carried_keys: torch.Tensor | None = None  # (1, kv_heads, carried, head_dim)
         self.carried_values: torch.Tensor | None = None
@@ -57,7 +58,7 @@ class StateLayer(CacheLayerMixin):
             self.lazy_initialization(key_states, value_states)
         start = self.seen
         self._append(key_states, value_states)
-        if self.answering or self.policy.recency:
+        if self.answering or self.prefixing or self.policy.recency:
             return self._recent(start)
         return self._candidates(key_states, value_states, start)
 
@@ -148,6 +149,7 @@ class StateLayer(CacheLayerMixin):
     def pin(self, tokens: int) -> None:
         """Keep the first `tokens` entries visible to every chunk, outside the budget."""
         self.pinned = tokens
+        self.prefixing = False
         self.carried_keys = self.carried_values = self.carried_positions = None
         if self.is_initialized and not self.policy.recency:
             self._buffers.pin(self.keys[0, :, :tokens], self.values[0, :, :tokens])
@@ -236,6 +238,11 @@ class StateCache(Cache):
         self.policy = policy
         self.attention = attention
         self.video_tokens = 0
+
+    def begin_prefix(self) -> None:
+        """The next chunk is the text prefix, to be pinned after it: attend, do not select."""
+        for layer in self.layers:
+            layer.prefixing = True
 
     def pin(self, tokens: int) -> None:
         for layer in self.layers:

@@ -13,13 +13,6 @@ from statekv import accounting
 from statekv.policies import Policy
 
 
-def carried_before(policy: Policy, seen: int, pinned: int) -> int:
-    """Keys a chunk sees besides its own (pinned prefix + carried state) after `seen` tokens."""
-    history = seen - pinned
-    capacity = history if policy.capacity is None else min(policy.capacity, history)
-    return pinned + capacity
-
-
 def chunk_sizes(layout: list[int], chunk_frames: int) -> list[int]:
     """Prefix, then the tokens of each chunk of `chunk_frames` frames."""
     prefix, frames = layout[0], layout[1:]
@@ -29,15 +22,7 @@ def chunk_sizes(layout: list[int], chunk_frames: int) -> list[int]:
 def predict_lm_flops(shape: accounting.LMShape, chunks: list[int], policy: Policy,
                      pin_prefix: bool = False) -> int:
     """LM prefill FLOPs of `chunks` (prefix first) under `policy`, as the loop counts them."""
-    total, seen, pinned = 0, 0, 0
-    for tokens in chunks:
-        carried = carried_before(policy, seen, pinned)
-        mass = policy.needs_mass and carried - pinned + tokens > policy.capacity
-        total += accounting.chunk_flops(shape, tokens, carried, mass)
-        seen += tokens
-        if pinned == 0 and (pin_prefix or policy.pins_prefix):
-            pinned = seen
-    return total
+    return sum(accounting.policy_chunk_flops(shape, chunks, policy, pin_prefix))
 
 
 RUNTIME_BYTES = 64 * 2**20  # processor, tokenizer, kernels' workspaces, decoder: measured ~60-70 MB

@@ -94,12 +94,13 @@ class _Loop:
 
     def run_chunk(self, chunk: ChunkInputs) -> None:
         result, cache = self.result, self.cache
-        carried = _visible_before(cache, chunk.tokens)
+        layer = cache.layers[0]
+        carried = accounting.carried_before(cache.policy, layer.seen, layer.pinned)
+        mass = not layer.prefixing and accounting.mass_pass(
+            cache.policy, carried, layer.pinned, chunk.tokens)
         started = time.perf_counter()
         forward_chunk(self.adapter, cache, chunk)
         self.watch.add("lm_prefill_seconds", started)
-        mass = cache.policy.needs_mass and carried + chunk.tokens - cache.layers[0].pinned > (
-            cache.policy.capacity or 0)
         result.lm_prefill_flops += accounting.chunk_flops(self.shape, chunk.tokens, carried, mass)
         result.full_lm_prefill_flops += accounting.chunk_flops(
             self.shape, chunk.tokens, self.tokens_done, mass=False)
@@ -135,17 +136,6 @@ class _Loop:
         ))
 
 
-def _visible_before(cache: StateCache, chunk_tokens: int) -> int:
-    """Keys a chunk will see besides its own (pinned + carried), before it runs."""
-    layer = cache.layers[0]
-    policy = cache.policy
-    if policy.recency:
-        history = layer.seen - layer.pinned
-        capacity = history if policy.capacity is None else min(policy.capacity, history)
-        return layer.pinned + capacity
-    return layer.pinned + layer.carried_count
-
-
 def prefill(
     adapter: VideoAdapter,
     chunks: Iterable[Any],
@@ -170,8 +160,11 @@ def prefill(
     loop = _Loop(adapter, policy, frame_count, reserve, attention, on_event, memory)
     loop.result = PrefillResult(cache=loop.cache, prompt=prompt)
     with torch.inference_mode():
+        pinning = pin_prefix or policy.pins_prefix
+        if pinning:
+            loop.cache.begin_prefix()  # a prefix to be pinned is attended to, never selected
         loop.run_chunk(adapter.prefix_chunk())
-        if pin_prefix or policy.pins_prefix:
+        if pinning:
             loop.cache.pin(loop.result.chunk_tokens[0])
         for frame_chunk in _timed(chunks, loop.watch):
             _note_skipped(frame_chunk, loop.result.warnings)

@@ -101,7 +101,7 @@ def commits(monkeypatch):
     def spy(self, mass):
         _, _, positions = self._pending
         original(self, mass)
-        records.append({"layer": self, "positions": positions.clone(),
+        records.append({"layer": self, "pinned": self.pinned, "positions": positions.clone(),
                         "mass": mass[:, self.pinned:].clone(), "kept": self.carried_positions.clone(),
                         "keys": self.carried_keys.clone(), "values": self.carried_values.clone()})
 
@@ -220,3 +220,20 @@ def test_budget_below_a_chunk_warns(family):
     session = family.model.prefill_frames(family.frames, method="statekv", budget=4)
     assert any("below one chunk" in w for w in session.warnings)
     assert session.stats.carried_tokens == 4
+
+
+def test_a_pinned_prefix_longer_than_the_budget_is_never_selected(family, commits):
+    from statekv import accounting
+
+    prompt = " ".join(["describe every frame of the video in detail"] * 6)
+    session = family.model.prefill_frames(family.frames, method="statekv", budget=12,
+                                          pin_prefix=True, system_prompt=prompt)
+    prefix = session.state.chunk_tokens[0]
+    assert prefix > 12
+    assert commits and all(record["pinned"] == prefix for record in commits)
+    assert session.stats.carried_tokens == prefix + 12
+    shape = accounting.LMShape.from_model(family.model.adapter.language_model,
+                                          family.model.adapter.text_config)
+    predicted = accounting.policy_chunk_flops(shape, session.state.chunk_tokens,
+                                              session.state.cache.policy, pin_prefix=True)
+    assert session.stats.lm_prefill_flops == sum(predicted)
