@@ -114,21 +114,47 @@ def mass_pass(policy: Any, carried: int, pinned: int, tokens: int) -> bool:
     return policy.needs_mass and carried - pinned + tokens > (policy.capacity or 0)
 
 
-def prefill_memory_bytes(shape: LMShape, parameters: int, element_size: int, total_tokens: int,
-                         chunk_tokens: int, carried_tokens: int, hidden: int, intermediate: int,
-                         mass: bool, mass_block_entries: int = 1 << 22) -> int:
-    """Estimated peak bytes of a prefill: weights + detailed cache + carried state + the largest
-    chunk's activations (+ one float32 block of the mass pass, which never holds more).
-    `mass`: the policy gathers its carried state and measures masses (StateKV)."""
-    detailed = total_tokens * shape.kv_bytes_per_token(element_size)
-    # StateKV gathers its carried state into buffers of its own; recency policies use views.
-    carried = (carried_tokens + chunk_tokens) * shape.kv_bytes_per_token(element_size) if mass else 0
+RUNTIME_BYTES = 64 * 2**20  # processor, tokenizer, kernels' workspaces, decoder: measured ~60-70 MB
+ANSWER_ROOM = 512  # tokens the detailed cache reserves after the video for a question
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes a run will need: weights, detailed cache, carried state, activations, runtime."""
+
+    weights_bytes: int
+    detailed_cache_bytes: int
+    carried_cache_bytes: int
+    activation_bytes: int
+    runtime_bytes: int = RUNTIME_BYTES
+
+    @property
+    def peak_memory_bytes(self) -> int:
+        return (self.weights_bytes + self.detailed_cache_bytes + self.carried_cache_bytes
+                + self.activation_bytes + self.runtime_bytes)
+
+
+def estimate_memory(shape: LMShape, parameters: int, element_size: int, total_tokens: int,
+                    chunk_tokens: int, carried_tokens: int, hidden: int, intermediate: int,
+                    mass: bool) -> MemoryEstimate:
+    """Peak bytes of a prefill and its answers, before any weights load.
+
+    Weights + the detailed cache + (StateKV, `mass`) its two fixed carried-state buffers of
+    [carried ; chunk] + the largest chunk's activations, the mass pass's float32 scores (one
+    block at most) and the detailed cache's room for a question + a fixed runtime allowance.
+    Recency policies serve their carried state as views of the detailed cache: no extra bytes.
+    """
+    per_token = shape.kv_bytes_per_token(element_size)
+    carried = 2 * (carried_tokens + chunk_tokens) * per_token if mass else 0
     activations = element_size * chunk_tokens * (4 * hidden + 2 * intermediate)
+    activations += ANSWER_ROOM * per_token
     if mass:
+        from statekv.attention import MASS_BLOCK_ENTRIES  # scores the mass pass holds at once
+
         rows = shape.heads * chunk_tokens
         activations += 4 * min(rows * (carried_tokens + chunk_tokens),
-                               max(mass_block_entries, rows * chunk_tokens))
-    return parameters * element_size + detailed + carried + activations
+                               max(MASS_BLOCK_ENTRIES, rows * chunk_tokens))
+    return MemoryEstimate(parameters * element_size, total_tokens * per_token, carried, activations)
 
 
 def full_prefill_flops(shape: LMShape, chunk_tokens: list[int]) -> int:

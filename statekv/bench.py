@@ -381,9 +381,9 @@ def _analytic_row(shape, arch, parameters, element_size, chunks, policy, frame_c
     total = sum(chunks)
     carried = total if policy.capacity is None else min(policy.capacity, total)
     detailed = total * shape.kv_bytes_per_token(element_size)
-    memory = accounting.prefill_memory_bytes(
+    memory = accounting.estimate_memory(
         shape, parameters, element_size, total, max(chunks[1:]), carried,
-        arch.hidden, arch.intermediate, mass=policy.needs_mass)
+        arch.hidden, arch.intermediate, mass=policy.needs_mass).peak_memory_bytes
     return BenchRow(
         frames=frame_count, method=method, budget=policy.budget,
         window_frames=window_frames if method == "window" else None, tokens=total,

@@ -7,7 +7,6 @@ hand the predicted LM prefill FLOPs equal what the run then reports.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 from statekv import accounting
 from statekv.policies import Policy
@@ -25,40 +24,8 @@ def predict_lm_flops(shape: accounting.LMShape, chunks: list[int], policy: Polic
     return sum(accounting.policy_chunk_flops(shape, chunks, policy, pin_prefix))
 
 
-RUNTIME_BYTES = 64 * 2**20  # processor, tokenizer, kernels' workspaces, decoder: measured ~60-70 MB
-
-
-@dataclass(frozen=True)
-class MemoryEstimate:
-    """Bytes a run will need: weights, detailed cache, carried state, activations, runtime."""
-
-    weights_bytes: int
-    detailed_cache_bytes: int
-    carried_cache_bytes: int
-    activation_bytes: int
-    runtime_bytes: int = RUNTIME_BYTES
-
-    @property
-    def peak_memory_bytes(self) -> int:
-        return (self.weights_bytes + self.detailed_cache_bytes + self.carried_cache_bytes
-                + self.activation_bytes + self.runtime_bytes)
-
-
-def estimate_memory(shape: accounting.LMShape, parameters: int, element_size: int,
-                    total_tokens: int, chunk_tokens: int, visible_keys: int,
-                    carried_state_tokens: int, hidden: int, intermediate: int) -> MemoryEstimate:
-    """Weights + detailed cache (with the answer room) + StateKV's gathered carried state
-    (twice: the old one lives while the new one is built) + the largest chunk's activations
-    (float32 attention scores of the mass pass included) + a fixed runtime allowance."""
-    from statekv.prefill import ANSWER_ROOM
-
-    per_token = shape.kv_bytes_per_token(element_size)
-    detailed = total_tokens * per_token
-    carried = 2 * carried_state_tokens * per_token
-    scores = 4 * shape.heads * chunk_tokens * (visible_keys + chunk_tokens)
-    activations = element_size * chunk_tokens * (4 * hidden + 2 * intermediate) + scores
-    activations += ANSWER_ROOM * per_token  # the detailed cache's room for a question
-    return MemoryEstimate(parameters * element_size, detailed, carried, activations)
+MemoryEstimate = accounting.MemoryEstimate
+estimate_memory = accounting.estimate_memory
 
 
 def available_memory(device) -> int:

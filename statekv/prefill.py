@@ -22,7 +22,7 @@ from statekv.policies import Policy
 
 # transformers builds no mask when handed a prepared mapping; our attention applies causality.
 NO_MASK = {"full_attention": None, "sliding_attention": None}
-ANSWER_ROOM = 512  # tokens reserved after the video for a question and its answer
+ANSWER_ROOM = accounting.ANSWER_ROOM  # tokens reserved after the video for a question
 
 
 @dataclass

@@ -214,11 +214,11 @@ def plan_run(path: str, options: RunOptions) -> RunPlan:
                              window_tokens=resolved.window_frames * layout.tokens_per_frame)
         flops[method] = predict.predict_lm_flops(layout.shape, chunks, policy, options.pin_prefix)
     total = sum(chunks)
-    carried = min(resolved.budget, total) if resolved.method == "statekv" else 0
-    visible = carried if resolved.method == "statekv" else total
+    statekv = resolved.method == "statekv"
     memory = predict.estimate_memory(
         layout.shape, layout.parameters, _element_size(resolved.dtype, device), total,
-        max(chunks[1:], default=0), visible, carried, layout.hidden, layout.intermediate)
+        max(chunks[1:], default=0), min(resolved.budget, total) if statekv else 0,
+        layout.hidden, layout.intermediate, mass=statekv)
     return RunPlan(probe, plan, resolved, layout, chunks, flops, memory, device)
 
 
