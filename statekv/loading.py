@@ -46,6 +46,10 @@ def _offline() -> bool:
 
 def resolve_checkpoint(model: str, revision: str | None = None) -> str:
     """A local directory as is; a hub id from the local cache first, downloaded only if allowed."""
+    if model == "statekv/demo":  # the demo model shipped inside the package
+        from statekv.demo import demo_checkpoint
+
+        return demo_checkpoint()
     path = Path(model).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():

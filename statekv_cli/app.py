@@ -41,6 +41,7 @@ from statekv_cli.options import (
 )
 from statekv_cli.progress import flops, live_enabled, prefill_display, size
 from statekv_cli.bench import bench
+from statekv_cli.demo import demo, eval_
 from statekv_cli.summarize import summarize
 
 app = typer.Typer(
@@ -64,6 +65,10 @@ presets_app = typer.Typer(help="List the shipped model presets, or show one.",
 app.add_typer(presets_app, name="presets")
 app.command("summarize")(summarize)
 app.command("bench")(bench)
+app.command("demo")(demo)
+app.command("eval")(eval_)
+
+
 def _print_warnings(warnings: list[str], quiet: bool) -> None:
     if not quiet:
         for warning in warnings:

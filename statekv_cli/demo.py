@@ -1,0 +1,135 @@
+"""`statekv demo` and `statekv eval`: the shipped demo model, fully offline."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from statekv_cli.options import Budget, Debug, Device, Json, PinPrefix, Quiet, Seed, WindowFrames, \
+    emit_json, err, handle_errors, out
+from statekv_cli.progress import flops
+
+DemoMethod = Annotated[str, typer.Option(
+    "--method", help="full, window, statekv or isolated (the floor).")]
+
+
+@handle_errors
+def demo(
+    frames: Annotated[int, typer.Option("--frames", help="Length of the synthetic video (the model was trained on 32).")] = 32,
+    seed: Seed = 0, method: DemoMethod = "statekv", budget: Budget = 64,
+    window_frames: WindowFrames = 16, pin_prefix: PinPrefix = False, device: Device = "cpu",
+    events: Annotated[bool, typer.Option("--events", help="Also list what happens in the video.")] = False,
+    json_output: Json = False, quiet: Quiet = False, debug: Debug = False,
+) -> None:
+    """Answer questions about a generated video with the shipped demo model (no download).
+
+    The video: four screen slots get painted colours; glyphs (box, cup, hat, ball, tree, sun)
+    appear in a slot. "hat color?" asks the slot's colour when the hat appeared.
+
+    Example: statekv demo --frames 32 --method statekv --budget 32
+    """
+    from statekv.demo import load_demo, run_demo
+
+    result = run_demo(frames, seed, method, budget, window_frames, pin_prefix,
+                      model=load_demo(device))
+    if json_output:
+        emit_json(result.to_dict())
+        return
+    if events:
+        for line in result.events:
+            out.print(line, markup=False)
+    setting = {"statekv": f" budget {result.budget}", "window": f" {result.window_frames} frames"}
+    table = Table(title=f"synthetic video seed {seed}, {frames} frames, "
+                        f"{method}{setting.get(method, '')}")
+    for column in ("question", "answer", "truth", ""):
+        table.add_column(column)
+    for a in result.answers:
+        table.add_row(a.question, a.answer, a.truth, "ok" if a.correct else "WRONG")
+    out.print(table)
+    out.print(f"{sum(a.correct for a in result.answers)}/{len(result.answers)} correct")
+    if not quiet:
+        s = result.stats
+        err.print(f"LM prefill {flops(s['lm_prefill_flops'])} "
+                  f"({s['lm_prefill_flops'] / max(1, s['full_lm_prefill_flops']):.0%} of full "
+                  f"attention's), carried {s['carried_tokens']} / detailed {s['detailed_tokens']} "
+                  f"tokens", markup=False)
+
+
+def _ints(text: str, name: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"{name} must be comma-separated integers, got {text!r}") from None
+    if not values:
+        raise typer.BadParameter(f"{name} is empty")
+    return values
+
+
+@handle_errors
+def eval_(
+    lengths: Annotated[str, typer.Option("--lengths", help="Video lengths in frames, comma-separated.")] = "64",
+    budgets: Annotated[str, typer.Option(
+        "--budgets", help="Carried tokens for window, statekv and random, comma-separated "
+        "(window gets the same number of tokens).")] = "32,64",
+    videos: Annotated[int, typer.Option("--videos", help="Held-out test videos per length.")] = 16,
+    methods: Annotated[str, typer.Option(
+        "--methods", help="Among full, isolated, window, statekv, random (full always runs).")]
+        = "full,isolated,window,statekv,random",
+    pin: Annotated[str, typer.Option("--pin", help="Pin the text prefix: off, on or both.")] = "both",
+    csv_path: Annotated[str | None, typer.Option("--csv", help="Write the table as CSV here.")] = None,
+    plot_path: Annotated[str | None, typer.Option("--plot", help="Write a PNG plot here (matplotlib).")] = None,
+    seed: Seed = 0, device: Device = "cpu", json_output: Json = False, quiet: Quiet = False,
+    debug: Debug = False,
+) -> None:
+    """Benchmark prefill methods against full attention on held-out synthetic videos.
+
+    Prints the isolated floor first: if isolated prefill (no frame sees another) scores close
+    to full attention, the benchmark cannot tell methods apart, and it says so.
+
+    Example: statekv eval --lengths 64,128 --budgets 32,64,128 --videos 32 --csv eval.csv --plot eval.png
+    """
+    from statekv.demo import load_demo, plot_eval, run_eval, write_csv
+
+    progress = None if quiet or json_output else (lambda msg: err.print(msg, markup=False))
+    report = run_eval(_ints(lengths, "--lengths"), _ints(budgets, "--budgets"), videos, pin,
+                      [m.strip() for m in methods.split(",") if m.strip()], seed,
+                      model=load_demo(device), on_progress=progress)
+    if csv_path:
+        write_csv(report.rows, csv_path)
+    if plot_path:
+        plot_eval(report, plot_path)
+    if json_output:
+        emit_json({"rows": [dataclasses.asdict(r) for r in report.rows], "floor": report.floor,
+                   "chance": report.chance, "discriminates": report.discriminates,
+                   "verdict": report.verdict, "tokens_per_frame": report.tokens_per_frame,
+                   "frame_tokens": report.frame_tokens})
+        return
+    for frames, f in report.floor.items():
+        out.print(f"isolated floor at {frames} frames: full {f['full']:.1%}, isolated "
+                  f"{f['isolated']:.1%} (gap {f['gap']:+.1%}; probe questions: full "
+                  f"{f['full_probe']:.1%}, isolated {f['isolated_probe']:.1%})", markup=False)
+    out.print(report.verdict, markup=False)
+    out.print(_table(report))
+    if csv_path:
+        out.print(f"wrote {csv_path}", markup=False)
+    if plot_path:
+        out.print(f"wrote {plot_path}", markup=False)
+
+
+def _table(report) -> Table:
+    table = Table(title=f"demo model, {report.tokens_per_frame} visual tokens/frame "
+                        f"({report.frame_tokens} with its label); chance "
+                        f"{max(report.chance.values()):.0%}")
+    for column in ("frames", "method", "acc", "probe", "final", "vs full [95% CI]", "agree",
+                   "KL", "LM FLOPs", "of full"):
+        table.add_column(column)
+    for r in report.rows:
+        table.add_row(str(r.frames), r.label, f"{r.accuracy:.1%}", f"{r.accuracy_probe:.1%}",
+                      f"{r.accuracy_final:.1%}",
+                      f"{r.delta:+.1%} [{r.delta_low:+.1%}, {r.delta_high:+.1%}]",
+                      f"{r.agreement:.1%}", f"{r.kl:.3f}", flops(r.lm_prefill_flops),
+                      f"{r.flops_ratio:.0%}")
+    return table

@@ -1,0 +1,310 @@
+"""Train statekv's shipped demo model: a tiny InternVL on statekv.synthetic videos (CPU, minutes).
+
+    python tools/train_demo.py                       # the shipped checkpoint (statekv/demo_model)
+    python tools/train_demo.py --steps 3 --out /tmp/x   # smoke test
+
+The model is a real `InternVLForConditionalGeneration` built by `statekv.tiny` (trained BPE
+tokenizer, InternVLProcessor), trained end to end (vision tower + projector + language model)
+with ordinary full causal attention. Sequences are laid out exactly as statekv's InternVL
+adapter lays them out at inference (same token ids, same positions). Each video is followed by
+all its questions, each in its own block that sees the video and itself only and starts at the
+same position (as `Session.ask` asks them: one at a time, the cache rewound); the loss is on
+the answer token and the end-of-turn token, plus (weight `--aux-weight`, default 0.5) an
+auxiliary target on each event frame's last token (`</img>`): the colour of the slot that
+frame touches, as it is after the frame. For a probe frame that colour is not visible in the
+frame, so this target teaches the model to fetch it from earlier frames during prefill (what a
+real VLM's frame tokens do); without it the 64-frame pilots stayed at chance within our CPU
+budget. Nothing at inference reads those positions' predictions. Fixed seeds and one thread:
+the same command gives the same weights on the same machine and torch version (about 8 CPU
+minutes for the default 3000 steps).
+
+`--report` also measures the isolated floor the cheap way (a mask that hides other frames from
+each frame's tokens, which is exactly what `--method isolated` prefill does).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from statekv import synthetic  # noqa: E402
+
+DEFAULT_OUT = Path(__file__).resolve().parent.parent / "statekv" / "demo_model"
+ARCH = dict(image_size=32, patch_size=8, text_layers=3, hidden=64, heads=4, kv_heads=2,
+            vision_layers=1)
+# (fraction of the steps done, video length in frames): a length curriculum
+CURRICULUM = ((0.3, 8), (0.6, 16), (1.0, 32))  # the shipped model's; 32 = training length
+
+
+class Layout:
+    """Token ids exactly as statekv's InternVL adapter builds them."""
+
+    def __init__(self, model, processor) -> None:
+        from statekv.models.internvl import InternVLAdapter
+
+        self.adapter = InternVLAdapter(model, processor)
+        self.prompt = self.adapter.prompt(None)
+        self.prefix = self.adapter._tokenize(self.prompt.prefix)
+        self.eos = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+        self.context_id = self.adapter.context_id
+        self._frames: dict[int, list[int]] = {}
+
+    def frame(self, index: int) -> list[int]:
+        if index not in self._frames:
+            self._frames[index] = self.adapter._frame_ids(index)
+        return self._frames[index]
+
+    def question(self, text: str) -> list[int]:
+        return self.adapter._tokenize(self.prompt.question_text(text))
+
+    def answer(self, text: str) -> int:
+        ids = self.adapter._tokenize(text)
+        assert len(ids) == 1, f"answers must be one token, {text!r} is {ids}"
+        return ids[0]
+
+
+def pixel_values(frames: np.ndarray, processor) -> torch.Tensor:
+    """(n, 3, H, W) float32 as InternVLVideoProcessor makes them (frames already at its size)."""
+    vp = processor.video_processor
+    x = torch.from_numpy(frames).float().permute(0, 3, 1, 2) / 255.0
+    mean = torch.tensor(vp.image_mean).view(1, 3, 1, 1)
+    std = torch.tensor(vp.image_std).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def build_batch(videos, layout: Layout, isolated: bool = False, aux: bool = False):
+    """ids (B, L), position ids (B, L), mask (B, 1, L, L) bool, targets (B, L) (-100 = no loss),
+    kinds (B, L) question kind index (-1 = none), context positions of each frame token."""
+    rows = []
+    for v in videos:
+        ids, seg = list(layout.prefix), [0] * len(layout.prefix)
+        targets = [-100] * len(ids)
+        for i, colour in enumerate(_frame_colours(v) if aux else [None] * len(v.frames)):
+            f = layout.frame(i)
+            ids += f
+            seg += [i + 1] * len(f)
+            # auxiliary target at the frame's last token: the colour its slot has now
+            targets += [-100] * (len(f) - 1) + [layout.answer(colour) if colour else -100]
+        video_len = len(ids)
+        pos = list(range(video_len))
+        kinds = [-1] * video_len
+        for j, q in enumerate(v.questions):
+            qids = layout.question(q.text) + [layout.answer(q.answer)]
+            block = qids + [layout.eos]
+            ids += block
+            seg += [-(j + 1)] * len(block)
+            pos += list(range(video_len, video_len + len(block)))
+            t = [-100] * len(block)
+            t[len(qids) - 2], t[len(qids) - 1] = qids[-1], layout.eos
+            targets += t
+            k = [-1] * len(block)
+            k[len(qids) - 2] = synthetic.KINDS.index(q.kind)
+            kinds += k
+        rows.append((ids, seg, pos, targets, kinds, video_len))
+    length = max(len(r[0]) for r in rows)
+    B = len(rows)
+    ids_t = torch.full((B, length), layout.eos, dtype=torch.long)
+    pos_t = torch.zeros((B, length), dtype=torch.long)
+    tgt_t = torch.full((B, length), -100, dtype=torch.long)
+    kind_t = torch.full((B, length), -1, dtype=torch.long)
+    mask = torch.zeros((B, 1, length, length), dtype=torch.bool)
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    for b, (ids, seg, pos, targets, kinds, video_len) in enumerate(rows):
+        n = len(ids)
+        ids_t[b, :n] = torch.tensor(ids)
+        pos_t[b, :n] = torch.tensor(pos)
+        pos_t[b, n:] = torch.arange(n, length)
+        tgt_t[b, :n] = torch.tensor(targets)
+        kind_t[b, :n] = torch.tensor(kinds)
+        s = torch.tensor(seg + [-10_000 - i for i in range(length - n)])
+        same = s[:, None] == s[None, :]
+        video_q = s[:, None] > -1  # a video token
+        video_k = s[None, :] > -1
+        if isolated:
+            allowed_video = video_q & video_k & (same | (s[None, :] == 0))
+        else:
+            allowed_video = video_q & video_k
+        question_q = (s[:, None] < 0) & (s[:, None] > -10_000)
+        allowed = allowed_video | (question_q & video_k) | same
+        mask[b, 0] = allowed & causal
+    return ids_t, pos_t, mask, tgt_t, kind_t
+
+
+def _frame_colours(video) -> list[str | None]:
+    """Per frame, the colour of the slot its event touches, after the event (None: no event)."""
+    colours: dict[int, str] = {}
+    out = []
+    for e in video.events:
+        if e.kind == "paint":
+            colours[e.slot] = e.colour
+        out.append(colours.get(e.slot) if e.kind != "empty" else None)
+    return out
+
+
+def forward(model, layout: Layout, processor, videos, isolated: bool = False, aux: bool = False):
+    """Logits at the supervised positions, their targets and question kinds (-1: not a question)."""
+    ids, pos, mask, targets, kinds = build_batch(videos, layout, isolated, aux)
+    embeds = model.get_input_embeddings()(ids)
+    frames = np.concatenate([v.frames for v in videos])
+    cfg = model.config
+    features = model.model.get_image_features(
+        pixel_values=pixel_values(frames, processor),
+        vision_feature_layer=cfg.vision_feature_layer,
+        vision_feature_select_strategy=cfg.vision_feature_select_strategy,
+        return_dict=True).pooler_output
+    features = features.reshape(-1, features.shape[-1])
+    image = ids == layout.context_id
+    embeds = embeds.masked_scatter(image.unsqueeze(-1), features.to(embeds.dtype))
+    hidden = model.model.language_model(
+        inputs_embeds=embeds, position_ids=pos,
+        attention_mask={"full_attention": mask, "sliding_attention": mask},
+        use_cache=False).last_hidden_state
+    supervised = targets != -100
+    logits = model.get_output_embeddings()(hidden[supervised])
+    return logits, targets[supervised], kinds[supervised]
+
+
+def length_at(step: int, steps: int, curriculum=None) -> int:
+    curriculum = curriculum or CURRICULUM
+    for fraction, frames in curriculum:
+        if step < fraction * steps:
+            return frames
+    return curriculum[-1][1]
+
+
+def accuracy(model, layout, processor, frames: int, videos: int, isolated: bool = False,
+             batch: int = 8) -> dict[str, float]:
+    """Held-out (test split) first-answer-token accuracy per question kind, full attention."""
+    hits = {k: [0, 0] for k in synthetic.KINDS}
+    model.eval()
+    with torch.no_grad():
+        for start in range(0, videos, batch):
+            vids = synthetic.split_videos("test", min(batch, videos - start), frames, start)
+            logits, targets, kinds = forward(model, layout, processor, vids, isolated)
+            answer = kinds >= 0
+            right = logits[answer].argmax(-1) == targets[answer]
+            for k, ok in zip(kinds[answer].tolist(), right.tolist()):
+                hits[synthetic.KINDS[k]][0] += int(ok)
+                hits[synthetic.KINDS[k]][1] += 1
+    return {k: h / max(1, n) for k, (h, n) in hits.items()}
+
+
+def build_base(workdir: Path, seed: int):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from statekv.tiny import build_tiny_internvl
+
+    path = build_tiny_internvl(workdir, seed=seed, **ARCH)
+    processor = AutoProcessor.from_pretrained(path)
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32,
+                                                        attn_implementation="sdpa")
+    return model, processor
+
+
+def train(out: Path, steps: int = 3000, batch: int = 8, lr: float = 3e-3, seed: int = 0,
+          eval_videos: int = 64, log=print, threads: int | None = None,
+          aux_weight: float = 0.5, curriculum=None) -> dict:
+    """Train, save the checkpoint to `out`, return a summary (losses, accuracies, seconds)."""
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    started = time.process_time()
+    wall = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        model, processor = build_base(Path(tmp), seed)
+    layout = Layout(model, processor)
+    optim = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
+    warmup = max(1, min(100, steps // 10))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optim, lambda s: min(1.0, (s + 1) / warmup) * (
+        0.5 * (1 + math.cos(math.pi * min(1.0, s / max(1, steps))))) * 0.95 + 0.05)
+    losses = []
+    model.train()
+    for step in range(steps):
+        frames = length_at(step, steps, curriculum)
+        vids = [synthetic.generate_video(frames, synthetic.split_seed("train", step * batch + b, frames))
+                for b in range(batch)]
+        logits, targets, kinds = forward(model, layout, processor, vids, aux=aux_weight > 0)
+        per_token = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
+        question = kinds >= 0
+        answers = question | (targets == layout.eos)
+        loss = per_token[answers].mean()
+        if aux_weight > 0 and (~answers).any():
+            loss = loss + aux_weight * per_token[~answers].mean()
+        optim.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optim.step()
+        schedule.step()
+        losses.append(loss.item())
+        if step % 50 == 0 or step == steps - 1:
+            log(f"step {step} frames {frames} loss {np.mean(losses[-50:]):.4f} "
+                f"cpu {time.process_time() - started:.0f}s wall {time.perf_counter() - wall:.0f}s")
+    model.eval()
+    summary = {"steps": steps, "batch": batch, "lr": lr, "seed": seed, "aux_weight": aux_weight,
+               "hidden": ARCH["hidden"], "curriculum": curriculum or CURRICULUM,
+               "first_loss": losses[0], "last_loss": float(np.mean(losses[-20:])), "losses": losses,
+               "cpu_seconds": time.process_time() - started,
+               "wall_seconds": time.perf_counter() - wall}
+    if eval_videos:
+        length = length_at(steps - 1, steps, curriculum)
+        summary["test_accuracy"] = accuracy(model, layout, processor, length, eval_videos)
+        summary["test_accuracy_isolated"] = accuracy(model, layout, processor, length,
+                                                     eval_videos, isolated=True)
+        log(json.dumps({k: v for k, v in summary.items() if k != "losses"}))
+    save(model, processor, out, summary)
+    return summary
+
+
+def save(model, processor, out: Path, summary: dict) -> None:
+    out = Path(out)
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    model.generation_config.save_pretrained(out)
+    kept = {k: v for k, v in summary.items() if k != "losses"}
+    (out / "training.json").write_text(json.dumps(kept, indent=1) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--eval-videos", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--aux-weight", type=float, default=0.5,
+                        help="weight of the auxiliary per-frame colour targets (0: answers only)")
+    parser.add_argument("--curriculum", default=None,
+                        help="frames:until-fraction pairs, e.g. 8:0.3,16:0.6,32:1.0")
+    args = parser.parse_args(argv)
+    curriculum = None
+    if args.curriculum:
+        pairs = [item.split(":") for item in args.curriculum.split(",")]
+        curriculum = tuple((float(f), int(n)) for n, f in pairs)
+    train(args.out, args.steps, args.batch, args.lr, args.seed, args.eval_videos,
+          threads=args.threads, log=lambda s: print(s, flush=True), aux_weight=args.aux_weight,
+          curriculum=curriculum)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
