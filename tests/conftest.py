@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+
+# Tiny models are faster on one thread, and the suite must not fight itself (or the subprocesses
+# it starts) for the cores: set before numpy and torch read it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+from dataclasses import dataclass  # noqa: E402
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
-import pytest
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
