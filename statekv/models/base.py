@@ -109,9 +109,19 @@ class VideoAdapter(ABC):
         return None
 
     # the per-video work --------------------------------------------------------------
-    @abstractmethod
+    video_token: str  # the placeholder the chat template writes where the video goes
+
     def prompt(self, system_prompt: str | None = None) -> PromptPieces:
-        """Split the family's chat template around the video."""
+        """Split the family's chat template around the video (the question comes after it)."""
+        messages: list[dict[str, Any]] = []
+        if system_prompt:
+            messages.append({"role": "system", "content": [{"type": "text", "text": system_prompt}]})
+        messages.append({"role": "user", "content": [
+            {"type": "video"}, {"type": "text", "text": QUESTION_SENTINEL}]})
+        text = self.processor.apply_chat_template(messages, add_generation_prompt=True,
+                                                  tokenize=False)
+        prefix, _, suffix = text.partition(self.video_token)
+        return PromptPieces(prefix=prefix, suffix=suffix)
 
     @abstractmethod
     def start(self, frame_count: int, timestamps: tuple[float, ...], prompt: PromptPieces,

@@ -7,12 +7,11 @@ vision tower encodes each frame into `image_seq_length` tokens after a pixel shu
 
 from __future__ import annotations
 
-from typing import Any
 
 import numpy as np
 import torch
 
-from statekv.models.base import QUESTION_SENTINEL, ChunkInputs, PromptPieces, VideoAdapter
+from statekv.models.base import ChunkInputs, PromptPieces, VideoAdapter
 
 
 class InternVLAdapter(VideoAdapter):
@@ -43,16 +42,6 @@ class InternVLAdapter(VideoAdapter):
         return int(size["width"]), int(size["height"])
 
     # layout ----------------------------------------------------------------------------
-    def prompt(self, system_prompt: str | None = None) -> PromptPieces:
-        messages: list[dict[str, Any]] = []
-        if system_prompt:
-            messages.append({"role": "system", "content": [{"type": "text", "text": system_prompt}]})
-        messages.append({"role": "user", "content": [
-            {"type": "video"}, {"type": "text", "text": QUESTION_SENTINEL}]})
-        text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        prefix, _, suffix = text.partition(self.video_token)
-        return PromptPieces(prefix=prefix, suffix=suffix)
-
     def start(self, frame_count, timestamps, prompt, frame_size=None, duration=None) -> int:
         self._prompt = prompt
         return sum(self.layout_tokens(frame_count, timestamps, prompt))

@@ -10,12 +10,11 @@ splits around them with no text-to-text boundary.
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import numpy as np
 import torch
 
-from statekv.models.base import QUESTION_SENTINEL, ChunkInputs, PromptPieces, VideoAdapter
+from statekv.models.base import ChunkInputs, PromptPieces, VideoAdapter
 
 
 class LlavaOnevisionAdapter(VideoAdapter):
@@ -47,16 +46,6 @@ class LlavaOnevisionAdapter(VideoAdapter):
         return int(size["width"]), int(size["height"])
 
     # layout ----------------------------------------------------------------------------
-    def prompt(self, system_prompt: str | None = None) -> PromptPieces:
-        messages: list[dict[str, Any]] = []
-        if system_prompt:
-            messages.append({"role": "system", "content": [{"type": "text", "text": system_prompt}]})
-        messages.append({"role": "user", "content": [
-            {"type": "video"}, {"type": "text", "text": QUESTION_SENTINEL}]})
-        text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        prefix, _, suffix = text.partition(self.video_token)
-        return PromptPieces(prefix=prefix, suffix=suffix)
-
     def start(self, frame_count, timestamps, prompt, frame_size=None, duration=None) -> int:
         self._prompt = prompt
         self._frame_count = frame_count

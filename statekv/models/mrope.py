@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from statekv.models.base import QUESTION_SENTINEL, ChunkInputs, PromptPieces, VideoAdapter
+from statekv.models.base import ChunkInputs, PromptPieces, VideoAdapter
 
 VIDEO_TYPE = 2  # mm_token_type_ids: 0 text, 1 image, 2 video
 
@@ -113,18 +113,6 @@ class MRopeVideoAdapter(VideoAdapter):
         return (size[0] // self.patch) * (size[1] // self.patch) // (self.merge * self.merge)
 
     # layout ----------------------------------------------------------------------------
-    def prompt(self, system_prompt: str | None = None) -> PromptPieces:
-        messages: list[dict[str, Any]] = []
-        if system_prompt:
-            messages.append({"role": "system",
-                             "content": [{"type": "text", "text": system_prompt}]})
-        messages.append({"role": "user", "content": [
-            {"type": "video"}, {"type": "text", "text": QUESTION_SENTINEL}]})
-        text = self.processor.apply_chat_template(
-            messages, add_generation_prompt=True, tokenize=False)
-        prefix, _, suffix = text.partition(self.video_token)
-        return PromptPieces(prefix=prefix, suffix=suffix)
-
     def start(self, frame_count, timestamps, prompt, frame_size=None, duration=None) -> int:
         if frame_size is not None:
             self._size_hint = (int(frame_size[0]), int(frame_size[1]))

@@ -15,12 +15,11 @@ those 1-2 tokens). Every other frame label follows a special token, so it tokeni
 from __future__ import annotations
 
 from datetime import timedelta
-from typing import Any
 
 import numpy as np
 import torch
 
-from statekv.models.base import QUESTION_SENTINEL, ChunkInputs, PromptPieces, VideoAdapter
+from statekv.models.base import ChunkInputs, PromptPieces, VideoAdapter
 
 
 class SmolVLMAdapter(VideoAdapter):
@@ -57,15 +56,10 @@ class SmolVLMAdapter(VideoAdapter):
 
     # layout ----------------------------------------------------------------------------
     def prompt(self, system_prompt: str | None = None) -> PromptPieces:
-        messages: list[dict[str, Any]] = []
-        if system_prompt:
-            messages.append({"role": "system", "content": [{"type": "text", "text": system_prompt}]})
-        messages.append({"role": "user", "content": [
-            {"type": "video"}, {"type": "text", "text": QUESTION_SENTINEL}]})
-        # As for any video conversation, the processor swaps in its built-in video template.
-        text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        prefix, _, suffix = text.partition(self.video_token)
-        return PromptPieces(prefix=prefix, suffix=_layout().DEFAULT_MEDIA_OUTTRO + suffix)
+        # As for any video conversation, the processor swaps in its built-in video template;
+        # the closing line it writes after a video starts the question's text.
+        pieces = super().prompt(system_prompt)
+        return PromptPieces(prefix=pieces.prefix, suffix=_layout().DEFAULT_MEDIA_OUTTRO + pieces.suffix)
 
     def start(self, frame_count, timestamps, prompt, frame_size=None,
               duration: float | None = None) -> int:
