@@ -8,19 +8,24 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from statekv_cli.options import Budget, Debug, Device, Json, PinPrefix, Quiet, Seed, WindowFrames, \
-    emit_json, err, handle_errors, out
+from statekv_cli.options import (
+    Debug, Device, Json, PinPrefix, Quiet, Seed, emit_json, err, handle_errors, out,
+)
 from statekv_cli.progress import flops
 
 DemoMethod = Annotated[str, typer.Option(
     "--method", help="full, window, statekv or isolated (the floor).")]
+DemoBudget = Annotated[int, typer.Option(
+    "--budget", help="statekv: tokens carried per layer and KV head (a frame is 12 tokens).")]
+DemoWindow = Annotated[int, typer.Option(
+    "--window-frames", help="window: how many recent frames a chunk sees.")]
 
 
 @handle_errors
 def demo(
     frames: Annotated[int, typer.Option("--frames", help="Length of the synthetic video (the model was trained on 32).")] = 32,
-    seed: Seed = 0, method: DemoMethod = "statekv", budget: Budget = 64,
-    window_frames: WindowFrames = 16, pin_prefix: PinPrefix = False, device: Device = "cpu",
+    seed: Seed = 0, method: DemoMethod = "statekv", budget: DemoBudget = 64,
+    window_frames: DemoWindow = 16, pin_prefix: PinPrefix = False, device: Device = "cpu",
     events: Annotated[bool, typer.Option("--events", help="Also list what happens in the video.")] = False,
     json_output: Json = False, quiet: Quiet = False, debug: Debug = False,
 ) -> None:
