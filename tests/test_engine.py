@@ -237,3 +237,23 @@ def test_a_pinned_prefix_longer_than_the_budget_is_never_selected(family, commit
     predicted = accounting.policy_chunk_flops(shape, session.state.chunk_tokens,
                                               session.state.cache.policy, pin_prefix=True)
     assert session.stats.lm_prefill_flops == sum(predicted)
+
+
+def test_bfloat16_stays_close_to_full_attention(tiny_internvl_dir, frames):
+    # CONTRACTS.md: bf16 correctness is checked on the CPU with a looser tolerance (1e-2).
+    import statekv
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from conftest import chat_video_inputs
+
+    model = statekv.load(str(tiny_internvl_dir), device="cpu", dtype="bfloat16")
+    reference = AutoModelForImageTextToText.from_pretrained(
+        tiny_internvl_dir, dtype=torch.bfloat16, attn_implementation="sdpa").eval()
+    inputs = chat_video_inputs(AutoProcessor.from_pretrained(tiny_internvl_dir), frames, QUESTION)
+    with torch.inference_mode():
+        expected = reference(**inputs).logits[0].float()
+    for method, options in (("full", {}), ("statekv", {"budget": 100_000})):
+        logits = model.prefill_frames(frames, method=method, **options).question_logits(QUESTION)
+        expected_tail = expected[-logits.shape[0]:]
+        relative = (logits - expected_tail).norm() / expected_tail.norm()
+        assert relative.item() < 1e-2, (method, relative.item())
