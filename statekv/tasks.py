@@ -98,9 +98,9 @@ def resolve(options: RunOptions) -> Resolved:
     )
 
 
-def load_model(options: RunOptions) -> tuple[Model, Resolved]:
-    """Resolve the options and load the model once (reuse it for many videos)."""
-    resolved = resolve(options)
+def load_model(options: RunOptions, resolved: Resolved | None = None) -> tuple[Model, Resolved]:
+    """Resolve the options (unless already resolved) and load the model once; reuse it."""
+    resolved = resolved or resolve(options)
     model = load(resolved.model, device=options.device, dtype=resolved.dtype,
                  revision=resolved.preset.revision if not options.model else None,
                  trust_remote_code=options.trust_remote_code)
@@ -124,11 +124,11 @@ def ask(path: str, questions: list[str], options: RunOptions, model: Model | Non
     """`statekv ask`: one prefill, every answer; the CONTRACTS.md record."""
     if not questions:
         raise UsageError("give at least one question (or --questions FILE)")
-    resolved = resolve(options)
     run = plan_run(path, options)  # a bad file or option fails before the model loads
+    resolved = run.resolved
     if model is None:
         preflight(run, options.force)
-        model, resolved = load_model(options)
+        model, _ = load_model(options, resolved)
     session = prefill(model, resolved, options, path, resolved.method, on_event)
     answers = session.ask(questions, resolved.max_new_tokens)
     return {"path": path, "settings": session.settings.to_dict(),
@@ -153,11 +153,11 @@ def compare(path: str, question: str, methods: list[str], options: RunOptions,
     for method in methods:
         if method not in METHODS:
             raise UsageError(f"unknown method {method!r} in --methods; choose from {', '.join(METHODS)}")
-    resolved = resolve(options)
-    run = plan_run(path, options)
+    run = plan_run(path, options)  # a bad file or option fails before the model loads
+    resolved = run.resolved
     if model is None:
         preflight(run, options.force)
-        model, resolved = load_model(options)
+        model, _ = load_model(options, resolved)
     order = (["full"] if "full" not in methods else []) + list(methods)
     results: dict[str, tuple[Session, Any]] = {}
     for method in dict.fromkeys(order):  # full first: the others are compared with it
