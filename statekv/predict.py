@@ -7,7 +7,6 @@ hand the predicted LM prefill FLOPs equal what the run then reports.
 
 from __future__ import annotations
 
-
 from statekv import accounting
 from statekv.policies import Policy
 
@@ -22,10 +21,6 @@ def predict_lm_flops(shape: accounting.LMShape, chunks: list[int], policy: Polic
                      pin_prefix: bool = False) -> int:
     """LM prefill FLOPs of `chunks` (prefix first) under `policy`, as the loop counts them."""
     return sum(accounting.policy_chunk_flops(shape, chunks, policy, pin_prefix))
-
-
-MemoryEstimate = accounting.MemoryEstimate
-estimate_memory = accounting.estimate_memory
 
 
 def available_memory(device) -> int:

@@ -193,7 +193,7 @@ class RunPlan:
     layout: "Layout"
     chunks: list[int]
     flops: dict[str, int]
-    memory: predict.MemoryEstimate
+    memory: accounting.MemoryEstimate
     device: torch.device
 
 
@@ -215,7 +215,7 @@ def plan_run(path: str, options: RunOptions) -> RunPlan:
         flops[method] = predict.predict_lm_flops(layout.shape, chunks, policy, options.pin_prefix)
     total = sum(chunks)
     statekv = resolved.method == "statekv"
-    memory = predict.estimate_memory(
+    memory = accounting.estimate_memory(
         layout.shape, layout.parameters, _element_size(resolved.dtype, device), total,
         max(chunks[1:], default=0), min(resolved.budget, total) if statekv else 0,
         layout.hidden, layout.intermediate, mass=statekv)
