@@ -1,7 +1,7 @@
 """Train statekv's shipped demo model: a tiny InternVL on statekv.synthetic videos (CPU, minutes).
 
-    python tools/train_demo.py                       # the shipped checkpoint (statekv/demo_model)
-    python tools/train_demo.py --steps 3 --out /tmp/x   # smoke test
+    python tools/train_demo.py              # the shipped checkpoint (about 55 CPU-minutes)
+    python tools/train_demo.py --steps 3 --out scratch     # smoke test
 
 The model is a real `InternVLForConditionalGeneration` built by `statekv.tiny` (trained BPE
 tokenizer, InternVLProcessor), trained end to end (vision tower + projector + language model)
@@ -9,17 +9,25 @@ with ordinary full causal attention. Sequences are laid out exactly as statekv's
 adapter lays them out at inference (same token ids, same positions). Each video is followed by
 all its questions, each in its own block that sees the video and itself only and starts at the
 same position (as `Session.ask` asks them: one at a time, the cache rewound); the loss is on
-the answer token and the end-of-turn token, plus (weight `--aux-weight`, default 0.5) an
-auxiliary target on each event frame's last token (`</img>`): the colour of the slot that
-frame touches, as it is after the frame. For a probe frame that colour is not visible in the
-frame, so this target teaches the model to fetch it from earlier frames during prefill (what a
-real VLM's frame tokens do); without it the 64-frame pilots stayed at chance within our CPU
-budget. Nothing at inference reads those positions' predictions. Fixed seeds and one thread:
-the same command gives the same weights on the same machine and torch version (about 8 CPU
-minutes for the default 3000 steps).
+the answer token and the end-of-turn token, plus (weight `--aux-weight`, default 0.5)
+auxiliary targets on the frames (`--aux`):
 
-`--report` also measures the isolated floor the cheap way (a mask that hides other frames from
-each frame's tokens, which is exactly what `--method isolated` prefill does).
+* ``slots`` (the default, the shipped model's): every frame's four visual tokens (one per
+  screen slot: the pixel shuffle keeps the quadrants in raster order) predict the colour their
+  slot has after that frame. Only a paint frame shows it; every other frame must fetch the
+  slot's latest paint from earlier frames during prefill, as a real VLM's frame tokens carry
+  context forward. A causal transformer cannot relay that state frame to frame (each hop costs
+  a layer), so the tokens learn to look back directly, which is what makes the prefill method
+  matter: isolated prefill drops to about chance on probe questions.
+* ``frame``: only each event frame's last token (`</img>`) predicts the colour of the slot the
+  event touches (the first shipped model's). Weaker: that model learned to answer from the
+  detailed cache at question time and its isolated floor sat only 12 points below full.
+
+Nothing at inference reads those positions' predictions. Fixed seeds and one thread: the same
+command gives the same weights on the same machine and torch version. The summary written
+next to the weights (`training.json`) holds the held-out accuracy with full attention and with
+an isolated mask (each frame's tokens see only the prompt and their own frame: exactly what
+`--method isolated` prefill computes). `--eval-every N` logs both while training.
 """
 
 from __future__ import annotations
@@ -39,16 +47,16 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
-from statekv import synthetic  # noqa: E402
+from statekv import synthetic
 
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "statekv" / "demo_model"
-ARCH = dict(image_size=32, patch_size=8, text_layers=3, hidden=64, heads=4, kv_heads=2,
-            vision_layers=1)
+ARCH = {"image_size": 32, "patch_size": 8, "text_layers": 5, "hidden": 64, "heads": 4,
+        "kv_heads": 2, "vision_layers": 1}
 # (fraction of the steps done, video length in frames): a length curriculum
-CURRICULUM = ((0.3, 8), (0.6, 16), (1.0, 32))  # the shipped model's; 32 = training length
+CURRICULUM = ((0.2, 8), (0.4, 16), (1.0, 32))  # the shipped model's; 32 = training length
 
 
 class Layout:
@@ -87,19 +95,18 @@ def pixel_values(frames: np.ndarray, processor) -> torch.Tensor:
     return (x - mean) / std
 
 
-def build_batch(videos, layout: Layout, isolated: bool = False, aux: bool = False):
+def build_batch(videos, layout: Layout, isolated: bool = False, aux: str | None = None):
     """ids (B, L), position ids (B, L), mask (B, 1, L, L) bool, targets (B, L) (-100 = no loss),
     kinds (B, L) question kind index (-1 = none), context positions of each frame token."""
     rows = []
     for v in videos:
         ids, seg = list(layout.prefix), [0] * len(layout.prefix)
         targets = [-100] * len(ids)
-        for i, colour in enumerate(_frame_colours(v) if aux else [None] * len(v.frames)):
+        for i, target in enumerate(_aux_targets(v, aux, layout)):
             f = layout.frame(i)
             ids += f
             seg += [i + 1] * len(f)
-            # auxiliary target at the frame's last token: the colour its slot has now
-            targets += [-100] * (len(f) - 1) + [layout.answer(colour) if colour else -100]
+            targets += target
         video_len = len(ids)
         pos = list(range(video_len))
         kinds = [-1] * video_len
@@ -145,6 +152,32 @@ def build_batch(videos, layout: Layout, isolated: bool = False, aux: bool = Fals
     return ids_t, pos_t, mask, tgt_t, kind_t
 
 
+def _aux_targets(video, aux: str | None, layout: Layout) -> list[list[int]]:
+    """Per frame, the auxiliary targets of its tokens (-100: none).
+
+    "slots": each slot's visual token (InternVL's pixel shuffle keeps the quadrants in raster
+    order, one token each) predicts the colour that slot has after this frame's event;
+    "frame": the frame's last token predicts the colour of the slot its event touches."""
+    n = len(video.frames)
+    lengths = [len(layout.frame(i)) for i in range(n)]
+    if not aux:
+        return [[-100] * length for length in lengths]
+    if aux == "frame":
+        return [[-100] * (length - 1) + [layout.answer(c) if c else -100]
+                for length, c in zip(lengths, _frame_colours(video))]
+    if aux != "slots":
+        raise ValueError(f"unknown aux target {aux!r}")
+    colours: dict[int, str] = {}
+    out = []
+    tokens = len(synthetic.SLOTS)
+    for e, length in zip(video.events, lengths):
+        if e.kind == "paint":
+            colours[e.slot] = e.colour
+        slots = [layout.answer(colours[s]) if s in colours else -100 for s in range(tokens)]
+        out.append([-100] * (length - tokens - 1) + slots + [-100])
+    return out
+
+
 def _frame_colours(video) -> list[str | None]:
     """Per frame, the colour of the slot its event touches, after the event (None: no event)."""
     colours: dict[int, str] = {}
@@ -156,7 +189,7 @@ def _frame_colours(video) -> list[str | None]:
     return out
 
 
-def forward(model, layout: Layout, processor, videos, isolated: bool = False, aux: bool = False):
+def forward(model, layout: Layout, processor, videos, isolated: bool = False, aux: str | None = None):
     """Logits at the supervised positions, their targets and question kinds (-1: not a question)."""
     ids, pos, mask, targets, kinds = build_batch(videos, layout, isolated, aux)
     embeds = model.get_input_embeddings()(ids)
@@ -204,21 +237,22 @@ def accuracy(model, layout, processor, frames: int, videos: int, isolated: bool 
     return {k: h / max(1, n) for k, (h, n) in hits.items()}
 
 
-def build_base(workdir: Path, seed: int):
+def build_base(workdir: Path, seed: int, arch=None):
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from statekv.tiny import build_tiny_internvl
 
-    path = build_tiny_internvl(workdir, seed=seed, **ARCH)
+    path = build_tiny_internvl(workdir, seed=seed, **{**ARCH, **(arch or {})})
     processor = AutoProcessor.from_pretrained(path)
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32,
                                                         attn_implementation="sdpa")
     return model, processor
 
 
-def train(out: Path, steps: int = 3000, batch: int = 8, lr: float = 3e-3, seed: int = 0,
+def train(out: Path, steps: int = 10000, batch: int = 8, lr: float = 3e-3, seed: int = 0,
           eval_videos: int = 64, log=print, threads: int | None = None,
-          aux_weight: float = 0.5, curriculum=None) -> dict:
+          aux_weight: float = 0.5, curriculum=None, aux: str = "slots", arch=None,
+          eval_every: int = 0) -> dict:
     """Train, save the checkpoint to `out`, return a summary (losses, accuracies, seconds)."""
     if threads:
         torch.set_num_threads(threads)
@@ -226,7 +260,7 @@ def train(out: Path, steps: int = 3000, batch: int = 8, lr: float = 3e-3, seed: 
     started = time.process_time()
     wall = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        model, processor = build_base(Path(tmp), seed)
+        model, processor = build_base(Path(tmp), seed, arch)
     layout = Layout(model, processor)
     optim = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     warmup = max(1, min(100, steps // 10))
@@ -238,7 +272,8 @@ def train(out: Path, steps: int = 3000, batch: int = 8, lr: float = 3e-3, seed: 
         frames = length_at(step, steps, curriculum)
         vids = [synthetic.generate_video(frames, synthetic.split_seed("train", step * batch + b, frames))
                 for b in range(batch)]
-        logits, targets, kinds = forward(model, layout, processor, vids, aux=aux_weight > 0)
+        logits, targets, kinds = forward(model, layout, processor, vids,
+                                         aux=aux if aux_weight > 0 else None)
         per_token = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
         question = kinds >= 0
         answers = question | (targets == layout.eos)
@@ -251,12 +286,18 @@ def train(out: Path, steps: int = 3000, batch: int = 8, lr: float = 3e-3, seed: 
         optim.step()
         schedule.step()
         losses.append(loss.item())
+        if eval_every and step and step % eval_every == 0:
+            frames_eval = length_at(steps - 1, steps, curriculum)
+            log(f"step {step} eval {frames_eval} frames: full "
+                f"{accuracy(model, layout, processor, frames_eval, 32)} isolated "
+                f"{accuracy(model, layout, processor, frames_eval, 32, isolated=True)}")
+            model.train()
         if step % 50 == 0 or step == steps - 1:
             log(f"step {step} frames {frames} loss {np.mean(losses[-50:]):.4f} "
                 f"cpu {time.process_time() - started:.0f}s wall {time.perf_counter() - wall:.0f}s")
     model.eval()
     summary = {"steps": steps, "batch": batch, "lr": lr, "seed": seed, "aux_weight": aux_weight,
-               "hidden": ARCH["hidden"], "curriculum": curriculum or CURRICULUM,
+               "aux": aux, "arch": {**ARCH, **(arch or {})}, "curriculum": curriculum or CURRICULUM,
                "first_loss": losses[0], "last_loss": float(np.mean(losses[-20:])), "losses": losses,
                "cpu_seconds": time.process_time() - started,
                "wall_seconds": time.perf_counter() - wall}
@@ -285,7 +326,7 @@ def save(model, processor, out: Path, summary: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--steps", type=int, default=10000)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--seed", type=int, default=0)
@@ -293,6 +334,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--aux-weight", type=float, default=0.5,
                         help="weight of the auxiliary per-frame colour targets (0: answers only)")
+    parser.add_argument("--aux", choices=("slots", "frame"), default="slots",
+                        help="auxiliary targets: every slot token's current colour, or the touched "
+                             "slot's colour at each event frame's last token")
+    parser.add_argument("--eval-every", type=int, default=0,
+                        help="log held-out accuracy (full and isolated) every N steps")
+    parser.add_argument("--hidden", type=int, default=ARCH["hidden"])
+    parser.add_argument("--layers", type=int, default=ARCH["text_layers"])
+    parser.add_argument("--heads", type=int, default=ARCH["heads"])
     parser.add_argument("--curriculum", default=None,
                         help="frames:until-fraction pairs, e.g. 8:0.3,16:0.6,32:1.0")
     args = parser.parse_args(argv)
@@ -302,7 +351,8 @@ def main(argv: list[str] | None = None) -> int:
         curriculum = tuple((float(f), int(n)) for n, f in pairs)
     train(args.out, args.steps, args.batch, args.lr, args.seed, args.eval_videos,
           threads=args.threads, log=lambda s: print(s, flush=True), aux_weight=args.aux_weight,
-          curriculum=curriculum)
+          curriculum=curriculum, aux=args.aux, eval_every=args.eval_every,
+          arch={"hidden": args.hidden, "text_layers": args.layers, "heads": args.heads})
     return 0
 
 
