@@ -79,6 +79,45 @@ def test_a_few_training_steps_reduce_the_loss(tmp_path):
     assert (tmp_path / "model" / "tokenizer.json").is_file()
 
 
+def test_slot_targets_follow_the_latest_paint_and_the_token_order():
+    # The auxiliary targets the shipped model trains on: slot token k of frame i must predict
+    # the colour slot k has after frame i. Checked against the pixels (a paint frame shows its
+    # colour in its quadrant) and against InternVL's pixel shuffle (token k = quadrant k).
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from statekv.demo import demo_checkpoint
+
+    train_demo = _train_module()
+    path = demo_checkpoint()
+    model = AutoModelForImageTextToText.from_pretrained(path)
+    layout = train_demo.Layout(model, AutoProcessor.from_pretrained(path))
+    video = synthetic.generate_video(32, 5)
+    targets = train_demo._aux_targets(video, "slots", layout)
+    names = {layout.answer(c): c for c in synthetic.COLOURS}
+    latest: dict[int, str] = {}
+    for event, frame_targets in zip(video.events, targets):
+        assert len(frame_targets) == len(layout.frame(event.frame))
+        ids = layout.frame(event.frame)
+        context = [t for t, i in zip(frame_targets, ids) if i == layout.context_id]
+        assert all(t == -100 for t, i in zip(frame_targets, ids) if i != layout.context_id)
+        if event.kind == "paint":
+            latest[event.slot] = event.colour
+            half = synthetic.FRAME_SIZE // 2
+            top, left = (event.slot // 2) * half, (event.slot % 2) * half
+            seen = video.frames[event.frame, top + 5:top + 9, left + 5:left + 9].reshape(-1, 3).mean(0)
+            assert np.abs(seen - synthetic.COLOURS[names[context[event.slot]]]).max() < 10
+        assert [names.get(t) for t in context] == [latest.get(k) for k in range(4)]
+    # token k of the pixel shuffle gathers exactly the patches of quadrant k (raster order)
+    grid = torch.zeros(1, 4, 4, 4)
+    for r in range(4):
+        for c in range(4):
+            grid[0, r, c] = (r // 2) * 2 + (c // 2)
+    shuffled = model.model.pixel_shuffle(grid, scale_factor=0.5).reshape(4, -1)
+    for k in range(4):
+        assert torch.all(shuffled[k] == k)
+
+
 # the shipped weights -------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def demo_model():
@@ -98,19 +137,35 @@ def test_demo_preset_resolves_to_the_shipped_checkpoint():
     assert weights.stat().st_size < 5 * 2**20
 
 
+def test_demo_preset_architecture_matches_the_shipped_weights():
+    # the preset's numbers feed FLOPs and memory predictions before any weights load
+    from statekv.demo import demo_checkpoint
+    from statekv.presets import load_preset
+
+    config = json.loads((Path(demo_checkpoint()) / "config.json").read_text())["text_config"]
+    arch = load_preset("demo").architecture
+    assert (arch.layers, arch.hidden, arch.heads, arch.kv_heads, arch.intermediate, arch.vocab) == (
+        config["num_hidden_layers"], config["hidden_size"], config["num_attention_heads"],
+        config["num_key_value_heads"], config["intermediate_size"], config["vocab_size"])
+    heads = config["num_attention_heads"]
+    assert arch.resolved_head_dim == (config.get("head_dim") or config["hidden_size"] // heads)
+
+
 def test_shipped_weights_accuracy_and_isolated_floor(demo_model):
     # Fixed held-out videos at the training length (32 frames). On 120 test videos the shipped
-    # model reaches chance + 31 points on `final` questions but only chance + 19 on `probe`
-    # questions, and isolated prefill sits 12 points below full (README): the thresholds
-    # below guard against regressions; they are what it reaches, not the goal.
+    # model clears chance + 25 points on both question types and isolated prefill sits far
+    # below full (README). On these 8 videos it answers 44% of probe and 100% of final
+    # questions (chance 17%), isolated 13% overall: the thresholds leave room for the
+    # platform's float noise, not for a model that stopped using context.
     from statekv.demo import run_eval
 
     report = run_eval(lengths=(32,), budgets=(), videos=8, methods=("full", "isolated"), pin="off",
                       model=demo_model)
     full, isolated = report.rows
     assert full.accuracy_final >= synthetic.CHANCE["final"] + 0.25, full
-    assert full.accuracy_probe >= synthetic.CHANCE["probe"] + 0.08, full
-    assert full.accuracy - isolated.accuracy >= 0.10, report.floor  # the benchmark's floor
+    assert full.accuracy_probe >= synthetic.CHANCE["probe"] + 0.20, full
+    assert isolated.accuracy_probe <= synthetic.CHANCE["probe"] + 0.10, isolated
+    assert report.discriminates and full.accuracy - isolated.accuracy >= 0.30, report.floor
 
 
 # the commands ----------------------------------------------------------------------------------------
