@@ -75,10 +75,12 @@ def _ints(text: str, name: str) -> list[int]:
 
 @handle_errors
 def eval_(
-    lengths: Annotated[str, typer.Option("--lengths", help="Video lengths in frames, comma-separated.")] = "64",
+    lengths: Annotated[str, typer.Option(
+        "--lengths", help="Video lengths in frames, comma-separated (the model was trained "
+        "on 32).")] = "32",
     budgets: Annotated[str, typer.Option(
         "--budgets", help="Carried tokens for window, statekv and random, comma-separated "
-        "(window gets the same number of tokens).")] = "32,64",
+        "(window gets the same number of tokens; a frame is 12).")] = "32,64,128",
     videos: Annotated[int, typer.Option("--videos", help="Held-out test videos per length.")] = 16,
     methods: Annotated[str, typer.Option(
         "--methods", help="Among full, isolated, window, statekv, random (full always runs).")]
@@ -94,7 +96,7 @@ def eval_(
     Prints the isolated floor first: if isolated prefill (no frame sees another) scores close
     to full attention, the benchmark cannot tell methods apart, and it says so.
 
-    Example: statekv eval --lengths 64,128 --budgets 32,64,128 --videos 32 --csv eval.csv --plot eval.png
+    Example: statekv eval --lengths 16,32 --budgets 32,64,128 --videos 32 --csv eval.csv --plot eval.png
     """
     from statekv.demo import load_demo, plot_eval, run_eval, write_csv
 
