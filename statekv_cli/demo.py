@@ -54,7 +54,11 @@ def demo(
     for a in result.answers:
         table.add_row(a.question, a.answer, a.truth, "ok" if a.correct else "WRONG")
     out.print(table)
-    out.print(f"{sum(a.correct for a in result.answers)}/{len(result.answers)} correct")
+    line = f"{sum(a.correct for a in result.answers)}/{len(result.answers)} correct"
+    if result.full_correct is not None:
+        line += (f" (full attention on the same video: {result.full_correct}/{len(result.answers)}; "
+                 f"README's Fidelity section explains the gap)")
+    out.print(line, markup=False)
     if not quiet:
         s = result.stats
         err.print(f"LM prefill {flops(s['lm_prefill_flops'])} "

@@ -184,6 +184,11 @@ def test_demo_command_prints_answers_beside_the_truth():
     record = json.loads(result.stdout)
     assert record["method"] == "statekv" and record["budget"] == 16
     assert {"question", "answer", "truth", "correct"} <= set(record["answers"][0])
+    # beside every other method's answers: how full attention does on the same video
+    result = CliRunner().invoke(app, ["demo", "--frames", "32", "--json", "--method", "full"])
+    full = json.loads(result.stdout)
+    assert full["full_correct"] is None
+    assert record["full_correct"] == sum(a["correct"] for a in full["answers"])
 
 
 def test_eval_command_writes_table_and_csv(tmp_path):
