@@ -373,7 +373,8 @@ def write_csv(rows: Sequence[EvalRow], path: str | Path) -> Path:
 
 
 def plot_eval(report: EvalReport, path: str | Path) -> Path:
-    """Accuracy against carried budget, one panel per length (needs matplotlib: the `plot` extra)."""
+    """Accuracy against LM prefill FLOPs (as a fraction of full attention's), one panel per
+    length, each point labelled with its budget (needs matplotlib: the `plot` extra)."""
     try:
         import matplotlib
 
@@ -386,23 +387,25 @@ def plot_eval(report: EvalReport, path: str | Path) -> Path:
     fig, axes = plt.subplots(1, len(lengths), figsize=(4.5 * len(lengths), 3.6), squeeze=False)
     for ax, frames in zip(axes[0], lengths):
         rows = [r for r in report.rows if r.frames == frames]
-        for r in rows:
+        for r in rows:  # full and isolated: one point each
             if r.budget is None:
-                style = "-" if r.method == "full" else ":"
-                ax.axhline(r.accuracy, linestyle=style, color="k" if r.method == "full" else "r",
+                ax.scatter([r.flops_ratio], [r.accuracy], marker="*" if r.method == "full" else "x",
+                           s=80, color="k" if r.method == "full" else "r", zorder=3,
                            label=f"{r.method} ({r.accuracy:.0%})")
         for label in sorted({(r.method, r.pin_prefix) for r in rows if r.budget is not None}):
             line = sorted((r for r in rows if (r.method, r.pin_prefix) == label), key=lambda r: r.budget)
-            ax.plot([r.budget for r in line], [r.accuracy for r in line], marker="o",
+            ax.plot([r.flops_ratio for r in line], [r.accuracy for r in line], marker="o",
                     linestyle="--" if label[1] else "-",
                     label=label[0] + (" +pin" if label[1] else ""))
-        ax.set_xscale("log", base=2)
-        ax.set_title(f"{frames} frames ({rows[0].videos} videos)")
-        ax.set_xlabel("carried tokens (budget)")
+            for r in line:
+                ax.annotate(str(r.budget), (r.flops_ratio, r.accuracy), fontsize=6,
+                            textcoords="offset points", xytext=(3, 3))
+        ax.set_title(f"{frames} frames ({rows[0].videos} videos); points: budget")
+        ax.set_xlabel("LM prefill FLOPs / full attention's")
         ax.set_ylabel("accuracy")
         ax.set_ylim(0, 1)
         ax.axhline(max(report.chance.values()), color="gray", linewidth=0.8)
-    axes[0][-1].legend(fontsize=7, loc="lower right")
+    axes[0][-1].legend(fontsize=7, loc="upper left")
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

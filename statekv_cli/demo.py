@@ -91,7 +91,8 @@ def eval_(
         = "full,isolated,window,statekv,random",
     pin: Annotated[str, typer.Option("--pin", help="Pin the text prefix: off, on or both.")] = "both",
     csv_path: Annotated[str | None, typer.Option("--csv", help="Write the table as CSV here.")] = None,
-    plot_path: Annotated[str | None, typer.Option("--plot", help="Write a PNG plot here (matplotlib).")] = None,
+    plot_path: Annotated[str | None, typer.Option(
+        "--plot", help="Write a PNG plot here: accuracy against LM prefill FLOPs (matplotlib).")] = None,
     seed: Seed = 0, device: Device = "cpu", json_output: Json = False, quiet: Quiet = False,
     debug: Debug = False,
 ) -> None:

@@ -195,9 +195,11 @@ def test_eval_command_writes_table_and_csv(tmp_path):
     from statekv_cli.app import app
 
     path = tmp_path / "eval.csv"
+    plot = tmp_path / "eval.png"
     result = CliRunner().invoke(app, ["eval", "--lengths", "16", "--budgets", "16", "--videos", "2",
-                                      "--pin", "off", "--csv", str(path)])
+                                      "--pin", "off", "--csv", str(path), "--plot", str(plot)])
     assert result.exit_code == 0, result.output
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert result.output.index("isolated floor") < result.output.index("statekv@16")
     rows = list(csv.DictReader(path.open()))
     assert [r["method"] for r in rows] == ["full", "isolated", "window", "statekv", "random"]
