@@ -111,7 +111,7 @@ def _events(frames: int, rng: np.random.Generator, paint_rate: float, probes: in
     first, last = len(opening) + 2, max(len(opening) + 3, int(frames * 0.75))
     room = np.arange(first, min(last, frames))
     count = min(probes, len(GLYPHS), len(room))
-    probe_frames = set(int(f) for f in rng.choice(room, size=count, replace=False)) if count else set()
+    probe_frames = {int(f) for f in rng.choice(room, size=count, replace=False)} if count else set()
     glyphs = list(rng.permutation(GLYPHS)[:count])
     colours = {e.slot: e.colour for e in opening}
     events = list(opening)
@@ -129,16 +129,24 @@ def _events(frames: int, rng: np.random.Generator, paint_rate: float, probes: in
     return events
 
 
-def _questions(events: list[Event]) -> list[Question]:
+def slot_colours(events: list[Event]) -> list[dict[int, str]]:
+    """Per frame, every painted slot's colour after that frame's event."""
     colours: dict[int, str] = {}
-    questions = []
+    states = []
     for e in events:
         if e.kind == "paint":
-            colours[e.slot] = e.colour
-        elif e.kind == "probe":
-            questions.append(Question(f"{e.glyph} color?", colours[e.slot], "probe"))
-    for slot in sorted(colours):
-        questions.append(Question(f"{SLOTS[slot]} color now?", colours[slot], "final"))
+            colours = {**colours, e.slot: e.colour}
+        states.append(colours)
+    return states
+
+
+def _questions(events: list[Event]) -> list[Question]:
+    states = slot_colours(events)
+    questions = [Question(f"{e.glyph} color?", states[i][e.slot], "probe")
+                 for i, e in enumerate(events) if e.kind == "probe"]
+    final = states[-1] if states else {}
+    for slot in sorted(final):
+        questions.append(Question(f"{SLOTS[slot]} color now?", final[slot], "final"))
     return questions
 
 

@@ -40,12 +40,12 @@ from statekv.session import _Frames, load
 SLOTS = len(synthetic.SLOTS)
 
 
-def token_kinds(adapter, video) -> tuple[list[str], list[dict[int, int]]]:
-    """The kind of every sequence position, and per frame the position of each slot's latest
-    paint token (after that frame's event)."""
+def token_kinds(adapter, video) -> tuple[list[str], list[int], list[dict[int, int]]]:
+    """The kind of every sequence position, where each frame's tokens end, and per frame the
+    position of each slot's latest paint token (after that frame's event)."""
     kinds = ["prefix"] * len(adapter._tokenize(adapter.prompt(None).prefix))
     latest: dict[int, int] = {}
-    history = []
+    ends, history = [], []
     for i, event in enumerate(video.events):
         ids = adapter._frame_ids(i)
         start, first_visual = len(kinds), len(kinds) + len(ids) - 1 - SLOTS
@@ -56,10 +56,11 @@ def token_kinds(adapter, video) -> tuple[list[str], list[dict[int, int]]]:
                          else "glyph" if touched and event.kind == "probe" else "visual")
         kinds.append("</img>")
         assert len(kinds) == start + len(ids)
+        ends.append(len(kinds))
         if event.kind == "paint":
             latest[event.slot] = first_visual + event.slot
         history.append(dict(latest))
-    return kinds, history
+    return kinds, ends, history
 
 
 def record(model, video, spec: MethodSpec, seed: int) -> list[tuple[int, torch.Tensor]]:
@@ -103,10 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     filled = {m: collections.Counter() for m in ("statekv", "random", "window")}
     sequence = collections.Counter()
     for index, video in enumerate(synthetic.split_videos("test", args.videos, args.frames)):
-        kinds, history = token_kinds(model.adapter, video)
-        frame_end = [len(kinds) - sum(len(model.adapter._frame_ids(j))
-                                      for j in range(i + 1, args.frames))
-                     for i in range(args.frames)]
+        kinds, frame_end, history = token_kinds(model.adapter, video)
         sequence.update(kinds)
         for method in ("statekv", "random"):
             frame_of = {end: i for i, end in enumerate(frame_end)}

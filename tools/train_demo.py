@@ -167,26 +167,16 @@ def _aux_targets(video, aux: str | None, layout: Layout) -> list[list[int]]:
                 for length, c in zip(lengths, _frame_colours(video))]
     if aux != "slots":
         raise ValueError(f"unknown aux target {aux!r}")
-    colours: dict[int, str] = {}
-    out = []
     tokens = len(synthetic.SLOTS)
-    for e, length in zip(video.events, lengths):
-        if e.kind == "paint":
-            colours[e.slot] = e.colour
-        slots = [layout.answer(colours[s]) if s in colours else -100 for s in range(tokens)]
-        out.append([-100] * (length - tokens - 1) + slots + [-100])
-    return out
+    return [[-100] * (length - tokens - 1)
+            + [layout.answer(colours[s]) if s in colours else -100 for s in range(tokens)] + [-100]
+            for colours, length in zip(synthetic.slot_colours(video.events), lengths)]
 
 
 def _frame_colours(video) -> list[str | None]:
     """Per frame, the colour of the slot its event touches, after the event (None: no event)."""
-    colours: dict[int, str] = {}
-    out = []
-    for e in video.events:
-        if e.kind == "paint":
-            colours[e.slot] = e.colour
-        out.append(colours.get(e.slot) if e.kind != "empty" else None)
-    return out
+    return [colours.get(e.slot) if e.kind != "empty" else None
+            for e, colours in zip(video.events, synthetic.slot_colours(video.events))]
 
 
 def forward(model, layout: Layout, processor, videos, isolated: bool = False, aux: str | None = None):
