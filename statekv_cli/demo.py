@@ -16,7 +16,7 @@ from statekv_cli.progress import flops
 DemoMethod = Annotated[str, typer.Option(
     "--method", help="full, window, statekv or isolated (the floor).")]
 DemoBudget = Annotated[int, typer.Option(
-    "--budget", help="statekv: tokens carried per layer and KV head (a frame is 12 tokens).")]
+    "--budget", help="statekv: tokens carried per layer and KV head (a frame is about 11 tokens).")]
 DemoWindow = Annotated[int, typer.Option(
     "--window-frames", help="window: how many recent frames a chunk sees.")]
 
@@ -84,7 +84,7 @@ def eval_(
         "on 32).")] = "32",
     budgets: Annotated[str, typer.Option(
         "--budgets", help="Carried tokens for window, statekv and random, comma-separated "
-        "(window gets the same number of tokens; a frame is 12).")] = "32,64,128",
+        "(window gets the same number of tokens; a frame is about 11).")] = "32,64,128",
     videos: Annotated[int, typer.Option("--videos", help="Held-out test videos per length.")] = 16,
     methods: Annotated[str, typer.Option(
         "--methods", help="Among full, isolated, window, statekv, random (full always runs).")]
