@@ -281,3 +281,31 @@ class Stopwatch:
     def add(self, key: str, started: float) -> None:
         synchronize(self.device)
         self.seconds[key] = self.seconds.get(key, 0.0) + time.perf_counter() - started
+
+
+def chunk_sizes(layout: list[int], chunk_frames: int) -> list[int]:
+    """Prefix, then the tokens of each chunk of `chunk_frames` frames (from a per-frame layout)."""
+    prefix, frames = layout[0], layout[1:]
+    return [prefix] + [sum(frames[i:i + chunk_frames]) for i in range(0, len(frames), chunk_frames)]
+
+
+def predict_lm_flops(shape: LMShape, chunks: list[int], policy: Any,
+                     pin_prefix: bool = False) -> int:
+    """LM prefill FLOPs of `chunks` (prefix first) under `policy`, as the loop counts them.
+
+    The prediction walks the same chunks with the same carried-state sizes and per-chunk
+    formula as the prefill loop, so with the checkpoint's processor at hand it equals what
+    the run then reports.
+    """
+    return sum(policy_chunk_flops(shape, chunks, policy, pin_prefix))
+
+
+def available_memory(device: Any) -> int:
+    """Bytes free for a run: available RAM, or free memory on the CUDA device."""
+    if getattr(device, "type", str(device)) == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+

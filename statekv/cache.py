@@ -14,6 +14,8 @@ While answering, questions are written after the video and ``rewind`` forgets th
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
@@ -38,6 +40,10 @@ class StateLayer(CacheLayerMixin):
         self.carried_values: torch.Tensor | None = None
         self.carried_positions: torch.Tensor | None = None  # (kv_heads, carried) token indices
         self.max_carried = 0
+        self.index = 0  # the decoder layer this is
+        # Called with (layer index, tokens seen, kept positions (kv_heads, kept)) each time a
+        # selecting policy keeps its carried state; None (the default) costs nothing.
+        self.observer: Callable[[int, int, torch.Tensor], None] | None = None
         # (keys, values, positions) of [carried ; chunk] between update() and commit()
         self._pending: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self._buffers = _CarriedBuffers()
@@ -141,6 +147,8 @@ class StateLayer(CacheLayerMixin):
     def _keep(self, keys, values, positions) -> None:
         self.carried_keys, self.carried_values, self.carried_positions = keys, values, positions
         self._pending = None
+        if self.observer is not None:
+            self.observer(self.index, self.seen, positions)
 
     @property
     def carried_count(self) -> int:
@@ -235,9 +243,17 @@ class StateCache(Cache):
     def __init__(self, policy: Policy, num_layers: int, reserve_tokens: int,
                  attention: str = "sdpa") -> None:
         super().__init__(layers=[StateLayer(policy, reserve_tokens) for _ in range(num_layers)])
+        for index, layer in enumerate(self.layers):
+            layer.index = index
         self.policy = policy
         self.attention = attention
         self.video_tokens = 0
+
+    def observe(self, observer: Callable[[int, int, torch.Tensor], None] | None) -> None:
+        """Call `observer(layer, tokens_seen, kept_positions)` whenever a layer keeps its
+        carried state (selecting policies only; recency policies keep a contiguous tail)."""
+        for layer in self.layers:
+            layer.observer = observer
 
     def begin_prefix(self) -> None:
         """The next chunk is the text prefix, to be pinned after it: attend, do not select."""

@@ -40,16 +40,31 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return DTYPES[dtype]
 
 
+# Checkpoints shipped inside the wheel: model id -> folder below the `statekv` package.
+# Resolved by path, so loading never imports the code that trained or evaluates them.
+BUNDLED: dict[str, tuple[str, ...]] = {"statekv/demo": ("demo", "checkpoint")}
+
+
+def bundled_checkpoint(model: str) -> str:
+    """The directory of a checkpoint shipped inside the installed package."""
+    from importlib import resources
+
+    folder = resources.files("statekv").joinpath(*BUNDLED[model])
+    path = Path(str(folder))
+    if not (path / "config.json").is_file() or not (path / "model.safetensors").is_file():
+        raise ModelError(f"the bundled model {model} is missing from {path}; reinstall statekv "
+                         f"(or retrain the demo model with: python tools/train_demo.py)")
+    return str(path)
+
+
 def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
 
 
 def resolve_checkpoint(model: str, revision: str | None = None) -> str:
     """A local directory as is; a hub id from the local cache first, downloaded only if allowed."""
-    if model == "statekv/demo":  # the demo model shipped inside the package
-        from statekv.demo import demo_checkpoint
-
-        return demo_checkpoint()
+    if model in BUNDLED:  # a checkpoint shipped inside the package
+        return bundled_checkpoint(model)
     path = Path(model).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
@@ -85,7 +100,7 @@ def read_config(checkpoint: str, trust_remote_code: bool = False) -> Any:
         raise ModelError(f"cannot read the model config in {checkpoint}: {exc}") from None
 
 
-def load_model(checkpoint: str, device: torch.device, dtype: torch.dtype,
+def load_weights(checkpoint: str, device: torch.device, dtype: torch.dtype,
                trust_remote_code: bool = False) -> tuple[Any, Any, Any]:
     """(config, model, processor) loaded with the text model on statekv's attention."""
     from transformers import AutoModelForImageTextToText, AutoProcessor

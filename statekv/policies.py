@@ -8,7 +8,7 @@ cache serve them as views of the detailed cache with no gathering at all.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
@@ -113,23 +113,49 @@ class Isolated(Policy):
         return 0
 
 
-METHODS: tuple[str, ...] = ("full", "window", "statekv", "isolated")
+@dataclass(frozen=True)
+class Random(StateKV):
+    """Carry `tokens` entries chosen uniformly at random each chunk: the selection baseline."""
+
+    name: ClassVar[str] = "random"
+    needs_mass: ClassVar[bool] = False
+    seed: int = 0
+    generator: torch.Generator = field(default=None, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        object.__setattr__(self, "generator", torch.Generator().manual_seed(self.seed))
+
+    def scores(self, mass: torch.Tensor | None, positions: torch.Tensor) -> torch.Tensor:
+        return torch.rand(positions.shape, generator=self.generator).to(positions.device)
+
+
+# The registry: the one place method names are listed and validated. ------------------------
+POLICIES: dict[str, type[Policy]] = {
+    cls.name: cls for cls in (Full, Window, StateKV, Isolated, Random)
+}
+METHODS: tuple[str, ...] = ("full", "window", "statekv", "isolated")  # what `--method` offers
+BENCHMARK_METHODS: tuple[str, ...] = (*METHODS, "random")  # eval also runs the random baseline
+
+
+def check_method(method: str, allowed: tuple[str, ...] = METHODS, option: str = "--method") -> str:
+    """`method` if it is one of `allowed`, else a UsageError naming the choices."""
+    if method not in allowed:
+        raise UsageError(f"unknown method {method!r} for {option}; choose one of: {', '.join(allowed)}")
+    return method
 
 
 def make_policy(
-    method: str, *, budget: int | None = None, window_tokens: int | None = None
+    method: str, *, budget: int | None = None, window_tokens: int | None = None, seed: int = 0
 ) -> Policy:
-    """The policy for a `--method` name; budget and window are in tokens."""
-    if method == "full":
-        return Full()
-    if method == "isolated":
-        return Isolated()
-    if method == "window":
+    """The policy for a method name; budget and window are in tokens."""
+    cls = POLICIES.get(check_method(method, tuple(POLICIES)))
+    if cls is Window:
         if window_tokens is None:
             raise UsageError("method 'window' needs a window size (--window-frames)")
         return Window(tokens=int(window_tokens))
-    if method == "statekv":
+    if cls is StateKV or cls is Random:
         if budget is None:
-            raise UsageError("method 'statekv' needs a budget (--budget)")
-        return StateKV(tokens=int(budget))
-    raise UsageError(f"unknown method {method!r}; choose one of: {', '.join(METHODS)}")
+            raise UsageError(f"method {method!r} needs a budget (--budget)")
+        return StateKV(tokens=int(budget)) if cls is StateKV else Random(tokens=int(budget), seed=seed)
+    return cls()

@@ -136,7 +136,7 @@ class _Loop:
         ))
 
 
-def prefill(
+def prefill_chunks(
     adapter: VideoAdapter,
     chunks: Iterable[Any],
     policy: Policy,
@@ -150,6 +150,7 @@ def prefill(
     attention: str = "sdpa",
     on_event: Callable[[PrefillEvent], None] | None = None,
     memory: accounting.PeakMemory | None = None,
+    on_carried: Callable[[int, int, torch.Tensor], None] | None = None,
 ) -> PrefillResult:
     """Prefill the prompt prefix and every chunk of frames; `chunks` yields FrameChunk-likes
     (`.frames` uint8 (n, H, W, 3), `.first`, `.timestamps`, optional `.skipped`)."""
@@ -159,6 +160,7 @@ def prefill(
                             duration=duration)
     loop = _Loop(adapter, policy, frame_count, reserve, attention, on_event, memory)
     loop.result = PrefillResult(cache=loop.cache, prompt=prompt)
+    loop.cache.observe(on_carried)
     with torch.inference_mode():
         pinning = pin_prefix or policy.pins_prefix
         if pinning:

@@ -80,6 +80,12 @@ class Preset:
         return data
 
 
+# Run defaults every entry point shares (a preset file overrides them; the CLI reads the
+# preset, the Python API reads these): one source, so README, --help and code agree.
+DEFAULTS = Preset(name="defaults", model="", family="",
+                  architecture=Architecture(layers=0, hidden=0, heads=1, kv_heads=1, intermediate=0))
+
+
 def _check(name: str, value: Any, kind: type | tuple[type, ...], where: str) -> Any:
     if isinstance(value, bool) or not isinstance(value, kind):
         if kind is float or kind == (int, float):
@@ -116,7 +122,7 @@ def parse_preset(data: Any, where: str) -> Preset:
             raise InputError(f"{where}: field '{positive}' must be at least 1, got {values[positive]}")
     from statekv.policies import METHODS
 
-    if values.get("method", "statekv") not in METHODS:
+    if values.get("method", "statekv") not in METHODS:  # listed in policies.py, the registry
         raise InputError(f"{where}: field 'method' must be one of {', '.join(METHODS)}")
     return Preset(architecture=_parse_architecture(data["architecture"], where), source=where, **values)
 

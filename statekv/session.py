@@ -19,14 +19,14 @@ import torch
 from statekv import accounting, video
 from statekv.answer import Answer, answer_question, question_logits
 from statekv.errors import UsageError
-from statekv.loading import load_model, resolve_checkpoint, resolve_device, resolve_dtype
+from statekv.loading import load_weights, resolve_checkpoint, resolve_device, resolve_dtype
 from statekv.models import adapter_for
 from statekv.models.base import VideoAdapter
-from statekv.policies import make_policy
-from statekv.prefill import PrefillEvent, PrefillResult, prefill
+from statekv.policies import BENCHMARK_METHODS, Policy, check_method, make_policy
+from statekv.prefill import PrefillEvent, PrefillResult, prefill_chunks
+from statekv.presets import DEFAULTS
 
-DEFAULT_BUDGET = 4096
-DEFAULT_WINDOW_FRAMES = 16
+DEFAULT_METHOD = DEFAULTS.method
 
 
 @dataclass
@@ -143,16 +143,6 @@ class _VideoShape:
     tokens_per_frame: int
 
 
-@dataclass
-class _Frames:
-    """A run of in-memory frames, shaped like video.FrameChunk."""
-
-    frames: np.ndarray
-    first: int
-    timestamps: tuple[float, ...]
-    skipped: tuple[float, ...] = ()
-
-
 class Model:
     """A loaded checkpoint and its family adapter; reuse it for every video."""
 
@@ -172,43 +162,78 @@ class Model:
     def prefill(
         self,
         path: str,
+        method: str | Policy = DEFAULT_METHOD,
         *,
-        max_frames: int = 64,
-        fps: float | None = None,
+        budget: int | None = None,
+        window_frames: int | None = None,
+        max_frames: int = DEFAULTS.max_frames,
+        fps: float | None = DEFAULTS.fps,
         start: float | None = None,
         end: float | None = None,
+        chunk_frames: int | None = None,
+        system_prompt: str | None = None,
+        pin_prefix: bool = False,
+        attention: str = "sdpa",
+        max_new_tokens: int = DEFAULTS.max_new_tokens,
+        seed: int = 0,
         backend: str = "auto",
-        **options: Any,
+        on_event: Callable[[PrefillEvent], None] | None = None,
     ) -> Session:
-        """Sample frames from a video file and prefill them (see `prefill_frames` for options)."""
+        """Sample frames from a video file and prefill them.
+
+        method: a name ("full", "window", "statekv", "isolated") or any `Policy` object,
+        including one defined outside statekv. budget: statekv's carried tokens per layer
+        and KV head (default 4096). window_frames: how many whole recent frames `window`
+        keeps (default 16). Sampling: at most `max_frames` frames and `fps` frames per
+        second (the command line's defaults), between `start` and `end` seconds.
+        """
         info = video.probe(path)
         plan = video.plan_frames(info, max_frames, fps=fps, start=start, end=end,
                                  timestamps=video.frame_timestamps(path))
         count = len(plan.indices)
         size = self.adapter.decode_size(info.height, info.width, frames=count)
-        chunk_frames = self._chunk_frames(options.get("chunk_frames"))
+        chunk_frames = self._chunk_frames(chunk_frames)
         chunks = video.iter_chunks(path, plan, chunk_frames, size=size, backend=backend)
         frame_size = _hw(size, info)
         watched = min(end or info.duration_seconds, info.duration_seconds) - (start or 0.0)
         shape = _VideoShape(count, tuple(plan.timestamps), frame_size, watched,
                             self.adapter.tokens_per_frame(*frame_size, frames=count))
         sampling = dict(max_frames=max_frames, fps=fps, start=start, end=end)
-        return self._run(chunks, shape, sampling, **options)
+        return self._run(chunks, shape, sampling, _Run(
+            method, budget, window_frames, chunk_frames, system_prompt, pin_prefix, attention,
+            max_new_tokens, seed, on_event))
 
     def prefill_frames(
-        self, frames: np.ndarray, timestamps: Sequence[float] | None = None, **options: Any
+        self,
+        frames: np.ndarray,
+        timestamps: Sequence[float] | None = None,
+        method: str | Policy = DEFAULT_METHOD,
+        *,
+        budget: int | None = None,
+        window_frames: int | None = None,
+        chunk_frames: int | None = None,
+        system_prompt: str | None = None,
+        pin_prefix: bool = False,
+        attention: str = "sdpa",
+        max_new_tokens: int = DEFAULTS.max_new_tokens,
+        seed: int = 0,
+        on_event: Callable[[PrefillEvent], None] | None = None,
     ) -> Session:
-        """Prefill in-memory frames, uint8 (n, H, W, 3); options as for `prefill`."""
+        """Prefill in-memory frames, uint8 (n, H, W, 3), at `timestamps` seconds (default
+        0, 1, 2, ...); the other options as for `prefill`."""
         timestamps = tuple(float(t) for t in (timestamps if timestamps is not None
                                               else range(len(frames))))
-        chunk_frames = self._chunk_frames(options.get("chunk_frames"))
-        chunks = (_Frames(frames[i:i + chunk_frames], i, timestamps[i:i + chunk_frames])
-                  for i in range(0, len(frames), chunk_frames))
+        if len(timestamps) != len(frames):
+            raise UsageError(f"{len(frames)} frames but {len(timestamps)} timestamps")
+        chunk_frames = self._chunk_frames(chunk_frames)
+        chunks = video.chunks_of(frames, timestamps, chunk_frames)
         frame_size = (int(frames.shape[1]), int(frames.shape[2]))
         shape = _VideoShape(len(frames), timestamps, frame_size, None,
                             self.adapter.tokens_per_frame(*frame_size, frames=len(frames)))
         sampling = dict(max_frames=len(frames), fps=None, start=None, end=None)
-        return self._run(chunks, shape, sampling, **options)
+        return self._run(chunks, shape, sampling, _Run(
+            method, budget, window_frames, chunk_frames, system_prompt, pin_prefix, attention,
+            max_new_tokens, seed, on_event))
 
     def _chunk_frames(self, chunk_frames: int | None) -> int:
         unit = self.adapter.frames_per_unit
@@ -218,50 +243,65 @@ class Model:
                              f"{self.family} models, got {chunk_frames}")
         return chunk_frames
 
-    def _run(
-        self,
-        chunks: Iterable[Any],
-        shape: "_VideoShape",
-        sampling: dict[str, Any],
-        *,
-        method: str = "statekv",
-        budget: int | None = None,
-        window_frames: int | None = None,
-        chunk_frames: int | None = None,
-        system_prompt: str | None = None,
-        pin_prefix: bool = False,
-        attention: str = "sdpa",
-        max_new_tokens: int = 128,
-        seed: int = 0,
-        on_event: Callable[[PrefillEvent], None] | None = None,
-    ) -> Session:
-        budget = (budget or DEFAULT_BUDGET) if method == "statekv" else None
-        window_frames = (window_frames or DEFAULT_WINDOW_FRAMES) if method == "window" else None
-        if window_frames is not None and window_frames < 1:
-            raise UsageError(f"--window-frames must be at least 1, got {window_frames}")
-        policy = make_policy(method, budget=budget,
-                             window_tokens=None if window_frames is None
-                             else window_frames * shape.tokens_per_frame)
-        _seed(seed)
+    def _run(self, chunks: Iterable[Any], shape: _VideoShape, sampling: dict[str, Any],
+             run: _Run) -> Session:
+        policy, budget, window_frames = _policy(run.method, run.budget, run.window_frames,
+                                                shape.tokens_per_frame)
+        _seed(run.seed)
         settings = Settings(
-            model=self.name, model_revision=self.revision, family=self.family, method=method,
-            budget=budget, window_frames=window_frames, chunk_frames=self._chunk_frames(chunk_frames),
-            dtype=str(self.adapter.dtype).removeprefix("torch."), device=str(self.device),
-            max_new_tokens=max_new_tokens, seed=seed, **sampling)
+            model=self.name, model_revision=self.revision, family=self.family,
+            method=policy.name, budget=budget, window_frames=window_frames,
+            chunk_frames=run.chunk_frames, dtype=str(self.adapter.dtype).removeprefix("torch."),
+            device=str(self.device), max_new_tokens=run.max_new_tokens, seed=run.seed,
+            **sampling)
         memory = accounting.PeakMemory(self.device)
         with memory:
-            state = prefill(self.adapter, chunks, policy, frame_count=shape.frames,
-                            timestamps=shape.timestamps, frame_size=shape.frame_size,
-                            duration=shape.duration, system_prompt=system_prompt,
-                            pin_prefix=pin_prefix, attention=attention, on_event=on_event,
-                            memory=memory)
+            state = prefill_chunks(
+                self.adapter, chunks, policy, frame_count=shape.frames,
+                timestamps=shape.timestamps, frame_size=shape.frame_size,
+                duration=shape.duration, system_prompt=run.system_prompt,
+                pin_prefix=run.pin_prefix, attention=run.attention, on_event=run.on_event,
+                memory=memory)
         session = Session(self, state, settings, memory, shape.tokens_per_frame)
         chunk_tokens = max(state.chunk_tokens[1:], default=0)
-        if budget is not None and budget < chunk_tokens:
+        if policy.budget is not None and policy.budget < chunk_tokens:
             session.warnings.append(
-                f"budget {budget} is below one chunk's {chunk_tokens} tokens: each chunk "
+                f"budget {policy.budget} is below one chunk's {chunk_tokens} tokens: each chunk "
                 f"carries less than itself forward")
         return session
+
+
+@dataclass(frozen=True)
+class _Run:
+    """How to prefill (everything but the frames), as `Model.prefill` was called."""
+
+    method: str | Policy
+    budget: int | None
+    window_frames: int | None
+    chunk_frames: int
+    system_prompt: str | None
+    pin_prefix: bool
+    attention: str
+    max_new_tokens: int
+    seed: int
+    on_event: Callable[[PrefillEvent], None] | None
+
+
+def _policy(method: str | Policy, budget: int | None, window_frames: int | None,
+            tokens_per_frame: int) -> tuple[Policy, int | None, int | None]:
+    """The policy object, and the budget and window (frames) to record in `settings`."""
+    if isinstance(method, Policy):
+        return method, method.budget, None
+    if not isinstance(method, str):
+        raise UsageError(f"method must be a method name or a Policy, got {type(method).__name__}")
+    check_method(method, BENCHMARK_METHODS)
+    budget = (budget or DEFAULTS.budget) if method in ("statekv", "random") else None
+    window_frames = (window_frames or DEFAULTS.window_frames) if method == "window" else None
+    if window_frames is not None and window_frames < 1:
+        raise UsageError(f"--window-frames must be at least 1, got {window_frames}")
+    window_tokens = None if window_frames is None else window_frames * tokens_per_frame
+    policy = make_policy(method, budget=budget, window_tokens=window_tokens)
+    return policy, budget, window_frames
 
 
 def _hw(size: tuple[int, int] | None, info: Any) -> tuple[int, int]:
@@ -279,7 +319,7 @@ def load(model: str, *, device: str = "auto", dtype: str = "auto", revision: str
     """Load a checkpoint (hub id or local directory) with its family adapter."""
     checkpoint = resolve_checkpoint(model, revision)
     torch_device = resolve_device(device)
-    config, hf_model, processor = load_model(
+    config, hf_model, processor = load_weights(
         checkpoint, torch_device, resolve_dtype(dtype, torch_device), trust_remote_code)
     adapter = adapter_for(config.model_type)(hf_model, processor)
     reason = adapter.refusal()

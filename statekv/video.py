@@ -84,13 +84,22 @@ class FramePlan:
 
 @dataclass
 class FrameChunk:
-    """A run of decoded frames, with where they sit in the plan and what was skipped."""
+    """A run of frames for the prefill loop: decoded from a file, or handed in from memory."""
 
     frames: np.ndarray  # uint8 (n, height, width, 3), RGB
-    indices: tuple[int, ...]
-    timestamps: tuple[float, ...]
-    first: int  # position of frames[0] in the plan (0-based)
+    first: int  # position of frames[0] in the sampled video (0-based)
+    timestamps: tuple[float, ...]  # seconds, one per frame
+    indices: tuple[int, ...] = ()  # frame numbers in the file (empty for in-memory frames)
     skipped: tuple[float, ...] = ()  # timestamps of planned frames that failed to decode
+
+
+def chunks_of(frames: np.ndarray, timestamps: Sequence[float], chunk_frames: int,
+              ) -> Iterator[FrameChunk]:
+    """In-memory frames (n, H, W, 3) as FrameChunks of `chunk_frames` frames."""
+    stamps = tuple(float(t) for t in timestamps)
+    for first in range(0, len(frames), chunk_frames):
+        yield FrameChunk(frames[first:first + chunk_frames], first,
+                         stamps[first:first + chunk_frames])
 
 
 # --------------------------------------------------------------------------- times

@@ -105,7 +105,7 @@ def ask(
 
     Example: statekv ask movie.mp4 "who enters the room?" "what is on the table?" --max-frames 256
     """
-    from statekv import tasks
+    from statekv.commands import ask as library, plan
 
     options = run_options(
         preset=preset, model=model, method=method, budget=budget, window_frames=window_frames,
@@ -113,9 +113,9 @@ def ask(
         max_new_tokens=max_new_tokens, device=device, dtype=dtype, seed=seed,
         pin_prefix=pin_prefix, attention=attention, trust_remote_code=trust_remote_code,
         force=force)
-    all_questions = list(questions or []) + (tasks.read_questions(questions_file) if questions_file else [])
+    all_questions = list(questions or []) + (plan.read_questions(questions_file) if questions_file else [])
     with prefill_display("prefill", live_enabled(quiet, json_output)) as on_event:
-        record = tasks.ask(video, all_questions, options, on_event=on_event)
+        record = library.ask(video, all_questions, options, on_event=on_event)
     if json_output:
         emit_json(record)
     else:
@@ -146,7 +146,7 @@ def compare(
 
     Example: statekv compare movie.mp4 "what happens?" --methods full,window,statekv --budget 4096
     """
-    from statekv import tasks
+    from statekv.commands import ask as library, plan
 
     options = run_options(
         preset=preset, model=model, budget=budget, window_frames=window_frames,
@@ -164,7 +164,7 @@ def compare(
         return display.__enter__()
 
     try:
-        record = tasks.compare(video, question, names, options, on_method=on_method)
+        record = library.compare(video, question, names, options, on_method=on_method)
     finally:
         for display in displays:
             display.__exit__(None, None, None)
@@ -207,13 +207,13 @@ def info(
 
     Example: statekv info movie.mp4 --preset internvl3-8b --max-frames 512
     """
-    from statekv import tasks
+    from statekv.commands import ask as library, plan
 
     options = run_options(
         preset=preset, model=model, budget=budget, window_frames=window_frames,
         max_frames=max_frames, fps=fps, start=start, end=end, chunk_frames=chunk_frames,
         device=device, dtype=dtype, pin_prefix=pin_prefix, trust_remote_code=trust_remote_code)
-    record = tasks.info(video, options)
+    record = library.info(video, options)
     if json_output:
         emit_json(record)
         return

@@ -65,7 +65,7 @@ def bench(
 
     Example: statekv bench --preset bench-tiny --frames 64,256,512 --repeats 3 --csv bench.csv
     """
-    from statekv import bench as lib
+    from statekv.commands import bench as lib
     from statekv.errors import StateKVError
 
     frame_counts = _ints(frames, "--frames")

@@ -36,7 +36,7 @@ def demo(
 
     Example: statekv demo --frames 32 --method statekv --budget 32
     """
-    from statekv.demo import load_demo, run_demo
+    from statekv.demo.evaluation import load_demo, run_demo
 
     result = run_demo(frames, seed, method, budget, window_frames, pin_prefix,
                       model=load_demo(device))
@@ -103,7 +103,7 @@ def eval_(
 
     Example: statekv eval --lengths 16,32 --budgets 32,64,128 --videos 32 --csv eval.csv --plot eval.png
     """
-    from statekv.demo import load_demo, plot_eval, run_eval, write_csv
+    from statekv.demo.evaluation import load_demo, plot_eval, run_eval, write_csv
 
     progress = None if quiet or json_output else (lambda msg: err.print(msg, markup=False))
     report = run_eval(_ints(lengths, "--lengths"), _ints(budgets, "--budgets"), videos, pin,

@@ -59,7 +59,7 @@ Force = Annotated[bool, typer.Option(
 
 
 def run_options(**kwargs: Any):
-    from statekv.tasks import RunOptions
+    from statekv.commands.plan import RunOptions
     from statekv.video import parse_time
 
     kwargs["start"] = parse_time(kwargs.get("start"))

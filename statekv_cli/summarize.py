@@ -85,7 +85,7 @@ def summarize(
 
     Example: statekv summarize videos/ --out summaries.jsonl --max-frames 128 --shard 1/4
     """
-    from statekv import batch
+    from statekv.commands import summarize as batch
 
     options = run_options(
         preset=preset, model=model, method=method, budget=budget, window_frames=window_frames,

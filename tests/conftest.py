@@ -51,19 +51,19 @@ def chat_video_inputs(processor, frames, question):
 
 
 def _internvl_build(path):
-    from statekv.tiny import build_tiny_internvl
+    from statekv.testing import build_tiny_internvl
 
     return build_tiny_internvl(path)
 
 
 def _smolvlm_build(path):
-    from tiny_families import build_tiny_smolvlm
+    from statekv.testing import build_tiny_smolvlm
 
     return build_tiny_smolvlm(path)
 
 
 def _llava_onevision_build(path):
-    from tiny_families import build_tiny_llava_onevision
+    from statekv.testing import build_tiny_llava_onevision
 
     return build_tiny_llava_onevision(path)
 
@@ -82,19 +82,19 @@ def smolvlm_video_inputs(processor, frames, question):
 
 
 def _qwen2_5_vl_build(path):
-    from tiny_qwen import build_tiny_qwen2_5_vl
+    from statekv.testing import build_tiny_qwen2_5_vl
 
     return build_tiny_qwen2_5_vl(path)
 
 
 def _qwen3_vl_build(path):
-    from tiny_qwen import build_tiny_qwen3_vl
+    from statekv.testing import build_tiny_qwen3_vl
 
     return build_tiny_qwen3_vl(path)
 
 
 def _tiny_frames(n=8, size=64):
-    from statekv.tiny import tiny_video_frames
+    from statekv.testing import tiny_video_frames
 
     return tiny_video_frames(n, size=size)
 

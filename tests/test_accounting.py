@@ -13,9 +13,9 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from statekv import accounting, attention
-from statekv.bench import SyntheticAdapter, build_language_model, synthetic_chunks, text_config
+from statekv.models.synthetic import SyntheticAdapter, build_language_model, synthetic_chunks, text_config
 from statekv.policies import make_policy
-from statekv.prefill import prefill
+from statekv.prefill import prefill_chunks
 from statekv.presets import Architecture
 
 ARCH = Architecture(layers=2, hidden=64, heads=4, kv_heads=2, head_dim=16, intermediate=128,
@@ -60,7 +60,7 @@ def test_shape_from_config_equals_shape_from_model(adapter):
 @pytest.mark.parametrize("method", ["full", "statekv", "window"])
 def test_prefill_counts_match_the_counter_on_the_eager_path(adapter, method):
     policy = make_policy(method, budget=20, window_tokens=16)
-    result, totals = _counted(prefill, adapter, synthetic_chunks(6, 1), policy, frame_count=6,
+    result, totals = _counted(prefill_chunks, adapter, synthetic_chunks(6, 1), policy, frame_count=6,
                               timestamps=(), attention="eager")
     shape = accounting.LMShape.from_model(adapter.language_model, adapter.text_config)
     chunks = result.chunk_tokens

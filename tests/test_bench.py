@@ -9,7 +9,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from statekv import bench
+from statekv.commands import bench
 from statekv_cli.bench import bench as bench_command
 
 FAST = {"budget": 128, "window_frames": 2, "repeats": 1, "warmup": False, "threads": 1}

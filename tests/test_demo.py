@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from statekv import synthetic
+from statekv.demo.evaluation import synthetic
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -86,7 +86,7 @@ def test_slot_targets_follow_the_latest_paint_and_the_token_order():
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from statekv.demo import demo_checkpoint
+    from statekv.demo.evaluation import demo_checkpoint
 
     train_demo = _train_module()
     path = demo_checkpoint()
@@ -121,13 +121,13 @@ def test_slot_targets_follow_the_latest_paint_and_the_token_order():
 # the shipped weights -------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def demo_model():
-    from statekv.demo import load_demo
+    from statekv.demo.evaluation import load_demo
 
     return load_demo()
 
 
 def test_demo_preset_resolves_to_the_shipped_checkpoint():
-    from statekv.demo import demo_checkpoint
+    from statekv.demo.evaluation import demo_checkpoint
     from statekv.loading import resolve_checkpoint
     from statekv.presets import load_preset
 
@@ -139,7 +139,7 @@ def test_demo_preset_resolves_to_the_shipped_checkpoint():
 
 def test_demo_preset_architecture_matches_the_shipped_weights():
     # the preset's numbers feed FLOPs and memory predictions before any weights load
-    from statekv.demo import demo_checkpoint
+    from statekv.demo.evaluation import demo_checkpoint
     from statekv.presets import load_preset
 
     config = json.loads((Path(demo_checkpoint()) / "config.json").read_text())["text_config"]
@@ -157,7 +157,7 @@ def test_shipped_weights_accuracy_and_isolated_floor(demo_model):
     # below full (README). On these 8 videos it answers 44% of probe and 100% of final
     # questions (chance 17%), isolated 13% overall: the thresholds leave room for the
     # platform's float noise, not for a model that stopped using context.
-    from statekv.demo import run_eval
+    from statekv.demo.evaluation import run_eval
 
     report = run_eval(lengths=(32,), budgets=(), videos=8, methods=("full", "isolated"), pin="off",
                       model=demo_model)
@@ -213,13 +213,13 @@ def test_eval_verdict_says_when_full_attention_is_near_chance():
     # (or credit) the methods
     from types import SimpleNamespace
 
-    from statekv.demo import EvalRow, _report
+    from statekv.demo.evaluation import EvalRow, _report
 
     def row(frames, method, accuracy):
         return EvalRow(frames, method, None, None, False, 8, 80, accuracy, accuracy, accuracy,
                        1.0, 0.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0)
 
-    adapter = SimpleNamespace(tokens_per_frame=lambda: 4, _frame_ids=lambda i: [0] * 11)
+    adapter = SimpleNamespace(tokens_per_frame=lambda: 4, frame_token_ids=lambda i: [0] * 11)
     model = SimpleNamespace(adapter=adapter)
     rows = [row(32, "full", 0.70), row(32, "isolated", 0.20),
             row(64, "full", 0.20), row(64, "isolated", 0.18)]

@@ -158,9 +158,9 @@ def test_huge_resolution_is_decoded_at_the_model_size(tmp_path, tiny_model, monk
 
 # memory -------------------------------------------------------------------------------
 def test_preflight_refuses_what_does_not_fit_unless_forced(clip, tiny_internvl_dir, monkeypatch):
-    import statekv.predict
+    import statekv.accounting
 
-    monkeypatch.setattr(statekv.predict, "available_memory", lambda device: 1024)
+    monkeypatch.setattr(statekv.accounting, "available_memory", lambda device: 1024)
     args = ["ask", str(clip), "q?", "--model", str(tiny_internvl_dir), *FAST]
     refused = runner.invoke(app, args)
     assert refused.exit_code == 5
@@ -171,7 +171,7 @@ def test_preflight_refuses_what_does_not_fit_unless_forced(clip, tiny_internvl_d
 MEASURE = textwrap.dedent("""
     import json, sys, threading, time
     import psutil
-    import statekv, statekv.tasks as tasks, transformers, statekv.models  # the level after imports
+    import statekv, statekv.commands.plan as tasks, statekv.commands.ask as commands, transformers, statekv.models  # the level after imports
     process = psutil.Process()
     base = peak = process.memory_info().rss
     done = False
@@ -185,7 +185,7 @@ MEASURE = textwrap.dedent("""
     options = tasks.RunOptions(model=sys.argv[1], max_frames=24, fps=100, max_new_tokens=4,
                                device="cpu", dtype="float32", budget=600, method="statekv")
     plan = tasks.plan_run(sys.argv[2], options)
-    tasks.ask(sys.argv[2], ["what happens?"], options)
+    commands.ask(sys.argv[2], ["what happens?"], options)
     done = True
     thread.join()
     print(json.dumps({"rise": peak - base, "estimate": plan.memory.peak_memory_bytes}))
@@ -193,7 +193,7 @@ MEASURE = textwrap.dedent("""
 
 
 def test_memory_estimate_matches_the_measured_rise(tmp_path):
-    from statekv.tiny import build_tiny_internvl
+    from statekv.testing import build_tiny_internvl
 
     checkpoint = build_tiny_internvl(tmp_path / "mid", hidden=1024, heads=16, kv_heads=4,
                                      text_layers=8, image_size=128, patch_size=8)
@@ -273,7 +273,7 @@ def test_window_keeps_the_most_recent(candidates, window):
 def test_engine_equals_full_attention_for_any_chunking(tiny_model, frames, chunk_frames, seed):
 
     from conftest import chat_video_inputs
-    from statekv.tiny import tiny_video_frames
+    from statekv.testing import tiny_video_frames
 
     reference = _reference(tiny_model)
     video = tiny_video_frames(frames, seed=seed)
@@ -301,9 +301,9 @@ def _reference(tiny_model):
 
 
 def test_batch_preflight_refuses_before_loading(clip, tiny_internvl_dir, monkeypatch, tmp_path):
-    import statekv.predict
+    import statekv.accounting
 
-    monkeypatch.setattr(statekv.predict, "available_memory", lambda device: 1024)
+    monkeypatch.setattr(statekv.accounting, "available_memory", lambda device: 1024)
     out = tmp_path / "s.jsonl"
     args = ["summarize", str(clip), "--out", str(out), "--model", str(tiny_internvl_dir), *FAST]
     refused = runner.invoke(app, args)

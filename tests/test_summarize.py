@@ -15,7 +15,7 @@ import pytest
 from conftest import write_video
 from typer.testing import CliRunner
 
-from statekv import batch
+from statekv.commands import summarize as batch
 from statekv_cli.app import app
 
 runner = CliRunner()
@@ -73,16 +73,16 @@ def first_run(folder, model_dir, tmp_path_factory):
 
 @pytest.fixture
 def count_prefills(monkeypatch):
-    from statekv import tasks
+    from statekv.commands import plan as tasks
 
     calls = []
-    original = tasks.prefill
+    original = tasks.prefill_video
 
     def counting(model, resolved, options, path, *args, **kwargs):
         calls.append(path)
         return original(model, resolved, options, path, *args, **kwargs)
 
-    monkeypatch.setattr(tasks, "prefill", counting)
+    monkeypatch.setattr(tasks, "prefill_video", counting)
     return calls
 
 
@@ -179,12 +179,12 @@ def test_redo_and_stdout(good, model_dir, tmp_path, count_prefills):
 
 SLOW_CHILD = """
 import sys, time
-import statekv.tasks as tasks
-original = tasks.prefill
+import statekv.commands.plan as tasks
+original = tasks.prefill_video
 def slow(*args, **kwargs):
     time.sleep(float(sys.argv[1]))
     return original(*args, **kwargs)
-tasks.prefill = slow
+tasks.prefill_video = slow
 from statekv_cli.app import app
 app(sys.argv[2:])
 """

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from statekv.tiny import CHAT_TEMPLATE, build_tiny_internvl, tiny_video_frames
+from statekv.testing.internvl import CHAT_TEMPLATE, build_tiny_internvl, tiny_video_frames
 
 TOKENS_PER_FRAME = 16  # (64 // 8) ** 2 * 0.5 ** 2
 

@@ -31,11 +31,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
 
-from statekv import cache as cache_module
-from statekv import synthetic
-from statekv.demo import MethodSpec, load_demo
-from statekv.prefill import prefill
-from statekv.session import _Frames, load
+from statekv import video as video_module
+from statekv.demo.evaluation import synthetic
+from statekv.demo.evaluation import MethodSpec, load_demo
+from statekv.prefill import prefill_chunks
+from statekv.session import load
 
 SLOTS = len(synthetic.SLOTS)
 
@@ -43,11 +43,11 @@ SLOTS = len(synthetic.SLOTS)
 def token_kinds(adapter, video) -> tuple[list[str], list[int], list[dict[int, int]]]:
     """The kind of every sequence position, where each frame's tokens end, and per frame the
     position of each slot's latest paint token (after that frame's event)."""
-    kinds = ["prefix"] * len(adapter._tokenize(adapter.prompt(None).prefix))
+    kinds = ["prefix"] * len(adapter.tokenize(adapter.prompt(None).prefix))
     latest: dict[int, int] = {}
     ends, history = [], []
     for i, event in enumerate(video.events):
-        ids = adapter._frame_ids(i)
+        ids = adapter.frame_token_ids(i)
         start, first_visual = len(kinds), len(kinds) + len(ids) - 1 - SLOTS
         kinds += ["label"] * (len(ids) - SLOTS - 2) + ["<img>"]
         for s in range(SLOTS):
@@ -66,26 +66,11 @@ def token_kinds(adapter, video) -> tuple[list[str], list[int], list[dict[int, in
 def record(model, video, spec: MethodSpec, seed: int) -> list[tuple[int, torch.Tensor]]:
     """(end of the chunk just prefilled, carried positions (kv_heads, budget)) per chunk and layer."""
     kept: list[tuple[int, torch.Tensor]] = []
-    layer = cache_module.StateLayer
-    original_keep, original_candidates = layer._keep, layer._candidates
-
-    def candidates(self, key_states, value_states, start):
-        self._chunk_end = start + key_states.shape[-2]
-        return original_candidates(self, key_states, value_states, start)
-
-    def keep(self, keys, values, positions):
-        kept.append((self._chunk_end, positions.clone()))
-        return original_keep(self, keys, values, positions)
-
-    layer._keep, layer._candidates = keep, candidates
-    try:
-        chunks = (_Frames(video.frames[i:i + 1], i, (video.timestamps[i],))
-                  for i in range(len(video.frames)))
-        prefill(model.adapter, chunks, spec.policy(model.adapter.tokens_per_frame(), seed),
-                frame_count=len(video.frames), timestamps=tuple(video.timestamps),
-                frame_size=video.frames.shape[1:3])
-    finally:
-        layer._keep, layer._candidates = original_keep, original_candidates
+    chunks = video_module.chunks_of(video.frames, video.timestamps, 1)
+    prefill_chunks(model.adapter, chunks, spec.policy(model.adapter.tokens_per_frame(), seed),
+                   frame_count=len(video.frames), timestamps=tuple(video.timestamps),
+                   frame_size=video.frames.shape[1:3],
+                   on_carried=lambda layer, seen, positions: kept.append((seen, positions.clone())))
     return kept
 
 

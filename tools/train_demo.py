@@ -50,9 +50,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np
 import torch
 
-from statekv import synthetic
+from statekv.demo import synthetic
 
-DEFAULT_OUT = Path(__file__).resolve().parent.parent / "statekv" / "demo_model"
+DEFAULT_OUT = Path(__file__).resolve().parent.parent / "statekv" / "demo" / "checkpoint"
 ARCH = {"image_size": 32, "patch_size": 8, "text_layers": 5, "hidden": 64, "heads": 4,
         "kv_heads": 2, "vision_layers": 1}
 # (fraction of the steps done, video length in frames): a length curriculum
@@ -67,21 +67,21 @@ class Layout:
 
         self.adapter = InternVLAdapter(model, processor)
         self.prompt = self.adapter.prompt(None)
-        self.prefix = self.adapter._tokenize(self.prompt.prefix)
+        self.prefix = self.adapter.tokenize(self.prompt.prefix)
         self.eos = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
         self.context_id = self.adapter.context_id
         self._frames: dict[int, list[int]] = {}
 
     def frame(self, index: int) -> list[int]:
         if index not in self._frames:
-            self._frames[index] = self.adapter._frame_ids(index)
+            self._frames[index] = self.adapter.frame_token_ids(index)
         return self._frames[index]
 
     def question(self, text: str) -> list[int]:
-        return self.adapter._tokenize(self.prompt.question_text(text))
+        return self.adapter.tokenize(self.prompt.question_text(text))
 
     def answer(self, text: str) -> int:
-        ids = self.adapter._tokenize(text)
+        ids = self.adapter.tokenize(text)
         assert len(ids) == 1, f"answers must be one token, {text!r} is {ids}"
         return ids[0]
 
@@ -230,7 +230,7 @@ def accuracy(model, layout, processor, frames: int, videos: int, isolated: bool 
 def build_base(workdir: Path, seed: int, arch=None):
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from statekv.tiny import build_tiny_internvl
+    from statekv.testing.internvl import build_tiny_internvl
 
     path = build_tiny_internvl(workdir, seed=seed, **{**ARCH, **(arch or {})})
     processor = AutoProcessor.from_pretrained(path)

@@ -132,6 +132,15 @@ class VideoAdapter(ABC):
         seconds (SmolVLM names it in its intro sentence).
         """
 
+    def tokenize(self, text: str) -> list[int]:
+        """Token ids of `text` as the prompt uses it (no special tokens added)."""
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def frame_token_ids(self, index: int) -> list[int] | None:
+        """The token ids frame `index` occupies in the sequence (label, delimiters and
+        visual placeholders), for families whose frames have a fixed text layout; else None."""
+        return None
+
     def layout_tokens(self, frame_count: int, timestamps: tuple[float, ...],
                       prompt: PromptPieces, frame_size: tuple[int, int] | None = None
                       ) -> list[int] | None:

@@ -47,29 +47,26 @@ class InternVLAdapter(VideoAdapter):
         return sum(self.layout_tokens(frame_count, timestamps, prompt))
 
     def layout_tokens(self, frame_count, timestamps, prompt, frame_size=None) -> list[int]:
-        return [len(self._tokenize(prompt.prefix))] + [
-            len(self._frame_ids(i)) for i in range(frame_count)]
+        return [len(self.tokenize(prompt.prefix))] + [
+            len(self.frame_token_ids(i)) for i in range(frame_count)]
 
-    def _tokenize(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=False)
-
-    def _frame_ids(self, index: int) -> list[int]:
+    def frame_token_ids(self, index: int) -> list[int]:
         # The label carries the frame's index in the whole sampled video, as the processor writes it.
-        label = self._tokenize(("\n" if index else "") + f"Frame{index + 1}: ")
+        label = self.tokenize(("\n" if index else "") + f"Frame{index + 1}: ")
         return label + [self.start_id] + [self.context_id] * self.tokens_per_frame() + [self.end_id]
 
     # chunks ----------------------------------------------------------------------------
     def prefix_chunk(self) -> ChunkInputs:
-        return self.token_chunk(self._tokenize(self._prompt.prefix), 0)
+        return self.token_chunk(self.tokenize(self._prompt.prefix), 0)
 
     def text_chunk(self, text: str, offset: int) -> ChunkInputs:
-        return self.token_chunk(self._tokenize(text), offset)
+        return self.token_chunk(self.tokenize(text), offset)
 
     def token_chunk(self, token_ids, offset) -> ChunkInputs:
         return ChunkInputs(token_ids, self.embed(token_ids), _positions(offset, len(token_ids), self.device))
 
     def video_chunk(self, frames: np.ndarray, first: int, offset: int) -> ChunkInputs:
-        ids = [t for i in range(len(frames)) for t in self._frame_ids(first + i)]
+        ids = [t for i in range(len(frames)) for t in self.frame_token_ids(first + i)]
         embeds = self.embed(ids)
         features = self._frame_features(frames)  # (frames * tokens_per_frame, hidden)
         image = torch.tensor(ids, device=self.device) == self.context_id

@@ -51,17 +51,14 @@ class LlavaOnevisionAdapter(VideoAdapter):
         self._frame_count = frame_count
         self._newline_pending = False
         newline = 1 if frame_count else 0
-        return len(self._tokenize(prompt.prefix)) + frame_count * self.tokens_per_frame() + newline
-
-    def _tokenize(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=False)
+        return len(self.tokenize(prompt.prefix)) + frame_count * self.tokens_per_frame() + newline
 
     # chunks ----------------------------------------------------------------------------
     def prefix_chunk(self) -> ChunkInputs:
-        return self.token_chunk(self._tokenize(self._prompt.prefix), 0)
+        return self.token_chunk(self.tokenize(self._prompt.prefix), 0)
 
     def text_chunk(self, text: str, offset: int) -> ChunkInputs:
-        chunk = self.token_chunk(self._tokenize(text), offset)
+        chunk = self.token_chunk(self.tokenize(text), offset)
         if not self._newline_pending:
             return chunk
         # The last planned frames failed to decode, so no chunk closed the video: the newline

@@ -117,7 +117,7 @@ class MRopeVideoAdapter(VideoAdapter):
         if frame_size is not None:
             self._size_hint = (int(frame_size[0]), int(frame_size[1]))
         self._prompt = prompt
-        self._prefix_ids = self._tokenize(prompt.prefix)
+        self._prefix_ids = self.tokenize(prompt.prefix)
         self._frame_count = frame_count
         self._timestamps = tuple(float(t) for t in timestamps)
         self._layout = None
@@ -135,15 +135,12 @@ class MRopeVideoAdapter(VideoAdapter):
         self._timestamps = tuple(float(t) for t in timestamps)
         resized = self.resized(*frame_size, frame_count)
         unit = self._unit_tokens(resized)
-        counts = [len(self._tokenize(prompt.prefix))]
+        counts = [len(self.tokenize(prompt.prefix))]
         for index in range(math.ceil(frame_count / self.frames_per_unit)):
             tokens = len(self.patch_ids(index, unit))
             frames = min(self.frames_per_unit, frame_count - index * self.frames_per_unit)
             counts += [tokens - tokens // 2, tokens // 2][:frames] if frames > 1 else [tokens]
         return counts
-
-    def _tokenize(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=False)
 
     def _plan(self, height: int, width: int) -> VideoLayout:
         """The whole video's token layout and position ids, from the frame size alone."""
@@ -173,7 +170,7 @@ class MRopeVideoAdapter(VideoAdapter):
         return self.token_chunk(self._prefix_ids, 0)
 
     def text_chunk(self, text: str, offset: int) -> ChunkInputs:
-        ids = self._tokenize(text)
+        ids = self.tokenize(text)
         layout = self._layout
         if layout is None or offset != len(layout.ids):
             return self.token_chunk(ids, offset)

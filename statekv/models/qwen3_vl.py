@@ -49,7 +49,7 @@ class Qwen3VLAdapter(MRopeVideoAdapter):
                             factor=factor, min_pixels=size.shortest_edge, max_pixels=max_pixels)
 
     def patch_ids(self, index: int, tokens: int) -> list[int]:
-        return (self._tokenize(f"<{self._patch_time(index):.1f} seconds>")
+        return (self.tokenize(f"<{self._patch_time(index):.1f} seconds>")
                 + [self.start_id] + [self.video_id] * tokens + [self.end_id])
 
     def _patch_time(self, index: int) -> float:

@@ -67,15 +67,15 @@ class SmolVLMAdapter(VideoAdapter):
         own fallback, the last frame's timestamp."""
         self._prompt = prompt
         self._timestamps = tuple(timestamps)
-        self._prefix_ids, self._first_frame_ids = self._tokenize(prompt.prefix), []
+        self._prefix_ids, self._first_frame_ids = self.tokenize(prompt.prefix), []
         if frame_count:
             # The intro opens the video, so it rides with the first frame (as in the processor's
             # video text); a token merged across the prefix/intro boundary goes with the frame.
             head = prompt.prefix + self._intro(frame_count, duration)
-            whole = self._tokenize(head + self._frame_text(0))
+            whole = self.tokenize(head + self._frame_text(0))
             cut = _common_prefix(whole, self._prefix_ids)
             self._prefix_ids, self._first_frame_ids = whole[:cut], whole[cut:]
-        return len(self._prefix_ids) + sum(len(self._frame_ids(i)) for i in range(frame_count))
+        return len(self._prefix_ids) + sum(len(self.frame_token_ids(i)) for i in range(frame_count))
 
     def _intro(self, frame_count: int, duration: float | None) -> str:
         from num2words import num2words  # the processor needs it too
@@ -91,20 +91,17 @@ class SmolVLMAdapter(VideoAdapter):
         stamp = f"{int(second // 60):02d}:{int(second % 60):02d}"
         return _layout().FRAME_TIMESTAMP_MESSAGE.format(timestamp=stamp) + self._image_text
 
-    def _frame_ids(self, index: int) -> list[int]:
+    def frame_token_ids(self, index: int) -> list[int]:
         if index == 0:
             return self._first_frame_ids
-        return self._tokenize(self._frame_text(index))
-
-    def _tokenize(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=False)
+        return self.tokenize(self._frame_text(index))
 
     # chunks ----------------------------------------------------------------------------
     def prefix_chunk(self) -> ChunkInputs:
         return self.token_chunk(self._prefix_ids, 0)
 
     def text_chunk(self, text: str, offset: int) -> ChunkInputs:
-        return self.token_chunk(self._tokenize(text), offset)
+        return self.token_chunk(self.tokenize(text), offset)
 
     def token_chunk(self, token_ids, offset) -> ChunkInputs:
         token_ids = list(token_ids)
@@ -112,7 +109,7 @@ class SmolVLMAdapter(VideoAdapter):
         return ChunkInputs(token_ids, self.embed(token_ids), positions)
 
     def video_chunk(self, frames: np.ndarray, first: int, offset: int) -> ChunkInputs:
-        ids = [t for i in range(len(frames)) for t in self._frame_ids(first + i)]
+        ids = [t for i in range(len(frames)) for t in self.frame_token_ids(first + i)]
         embeds = self.embed(ids)
         features = self._frame_features(frames)  # (frames * tokens_per_frame, hidden)
         image = torch.tensor(ids, device=self.device) == self.image_id

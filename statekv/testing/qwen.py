@@ -1,7 +1,7 @@
 """Tiny random-weight Qwen2.5-VL and Qwen3-VL checkpoints, built offline like the real ones.
 
 Each directory loads with ``AutoProcessor`` + ``AutoModelForImageTextToText`` under
-``HF_HUB_OFFLINE=1``: a Qwen2 byte-level BPE (trained by ``statekv.tiny``) with Qwen's special
+``HF_HUB_OFFLINE=1``: a Qwen2 byte-level BPE (trained by ``statekv.testing.internvl``) with Qwen's special
 tokens, the chat template the Instruct checkpoints ship, the real processor classes configured
 small (8 px patches, merge 2, temporal patches of 2 frames) and the real model classes.
 
@@ -180,10 +180,10 @@ NORM = {"image_mean": [0.48145466, 0.4578275, 0.40821073],
 
 
 def _qwen_tokenizer(chat_template: str):
-    """The tiny BPE of statekv.tiny re-wrapped with Qwen's special tokens (and only those)."""
+    """The tiny BPE of statekv.testing.internvl re-wrapped with Qwen's special tokens (and only those)."""
     from transformers import Qwen2TokenizerFast
 
-    from statekv.tiny import _build_tokenizer
+    from statekv.testing.internvl import _build_tokenizer
 
     base = _build_tokenizer()
     model = json.loads(base.backend_tokenizer.to_str())["model"]

@@ -1,7 +1,8 @@
-"""What the commands do, as library functions: resolve options, run, return records.
+"""Options, planning and the memory preflight shared by every command that runs a model.
 
-Each function returns the JSON record CONTRACTS.md fixes for its command, so the CLI only
-parses, calls one of these and renders.
+`RunOptions` is what the command line (or a script) asks for; `resolve` fills in the
+preset's defaults; `plan_run` probes the video and predicts FLOPs and memory before any
+weights load, so a bad file or an oversized run fails in a second, not after the load.
 """
 
 from __future__ import annotations
@@ -13,9 +14,10 @@ from typing import Any, Callable
 
 import torch
 
-from statekv import accounting, predict, video
+from statekv import accounting, video
+from statekv.units import format_bytes
 from statekv.errors import UsageError
-from statekv.policies import METHODS, make_policy
+from statekv.policies import check_method, make_policy
 from statekv.presets import DEFAULT_PRESET, Preset, load_preset
 from statekv.prefill import PrefillEvent
 from statekv.session import Model, Session, load
@@ -58,8 +60,8 @@ class RunOptions:
             raise UsageError(f"--start must not be negative, got {self.start}")
         if self.start is not None and self.end is not None and self.start >= self.end:
             raise UsageError(f"--start ({self.start}s) must be before --end ({self.end}s)")
-        if self.method is not None and self.method not in METHODS:
-            raise UsageError(f"unknown method {self.method!r}; choose one of: {', '.join(METHODS)}")
+        if self.method is not None:
+            check_method(self.method)
         if self.attention not in ("sdpa", "eager"):
             raise UsageError(f"unknown attention {self.attention!r}; use sdpa or eager")
 
@@ -107,7 +109,7 @@ def load_model(options: RunOptions, resolved: Resolved | None = None) -> tuple[M
     return model, resolved
 
 
-def prefill(model: Model, resolved: Resolved, options: RunOptions, path: str, method: str,
+def prefill_video(model: Model, resolved: Resolved, options: RunOptions, path: str, method: str,
             on_event: Callable[[PrefillEvent], None] | None = None) -> Session:
     """Prefill one video with `method` and the resolved options."""
     return model.prefill(
@@ -117,69 +119,6 @@ def prefill(model: Model, resolved: Resolved, options: RunOptions, path: str, me
         system_prompt=resolved.preset.system_prompt, pin_prefix=options.pin_prefix,
         attention=options.attention, max_new_tokens=resolved.max_new_tokens,
         seed=options.seed, on_event=on_event)
-
-
-def ask(path: str, questions: list[str], options: RunOptions, model: Model | None = None,
-        on_event: Callable[[PrefillEvent], None] | None = None) -> dict[str, Any]:
-    """`statekv ask`: one prefill, every answer; the CONTRACTS.md record."""
-    if not questions:
-        raise UsageError("give at least one question (or --questions FILE)")
-    run = plan_run(path, options)  # a bad file or option fails before the model loads
-    resolved = run.resolved
-    if model is None:
-        preflight(run, options.force)
-        model, _ = load_model(options, resolved)
-    session = prefill(model, resolved, options, path, resolved.method, on_event)
-    answers = session.ask(questions, resolved.max_new_tokens)
-    return {"path": path, "settings": session.settings.to_dict(),
-            "answers": [a.to_dict() for a in answers], "stats": session.stats.to_dict(),
-            "warnings": session.warnings}
-
-
-def kl_divergence(reference: torch.Tensor, other: torch.Tensor) -> float:
-    """KL(reference || other) of two log-probability vectors, in nats."""
-    return float(torch.sum(reference.exp() * (reference - other)).clamp_min(0.0))
-
-
-FLATTENED = ("lm_prefill_flops", "vision_flops", "lm_prefill_seconds", "peak_memory_bytes",
-             "carried_tokens", "detailed_tokens")
-
-
-def compare(path: str, question: str, methods: list[str], options: RunOptions,
-            model: Model | None = None,
-            on_method: Callable[[str], Callable[[PrefillEvent], None] | None] | None = None,
-            ) -> dict[str, Any]:
-    """`statekv compare`: every method on the same frames; agreement with full."""
-    for method in methods:
-        if method not in METHODS:
-            raise UsageError(f"unknown method {method!r} in --methods; choose from {', '.join(METHODS)}")
-    run = plan_run(path, options)  # a bad file or option fails before the model loads
-    resolved = run.resolved
-    if model is None:
-        preflight(run, options.force)
-        model, _ = load_model(options, resolved)
-    order = (["full"] if "full" not in methods else []) + list(methods)
-    results: dict[str, tuple[Session, Any]] = {}
-    for method in dict.fromkeys(order):  # full first: the others are compared with it
-        session = prefill(model, resolved, options, path, method,
-                          on_method(method) if on_method else None)
-        results[method] = (session, session.ask([question], resolved.max_new_tokens)[0])
-    full_answer = results["full"][1]
-    rows = [_compare_row(method, *results[method], full_answer) for method in methods]
-    settings = results[methods[0]][0].settings.to_dict()
-    shared = {k: v for k, v in settings.items() if k not in ("method", "budget", "window_frames")}
-    return {"path": path, "question": question, "settings": shared, "methods": rows}
-
-
-def _compare_row(method, session, answer, full_answer) -> dict[str, Any]:
-    stats = session.stats.to_dict()
-    return {"method": method, "budget": session.settings.budget,
-            "window_frames": session.settings.window_frames, "answer": answer.answer,
-            "agrees_with_full": answer.answer == full_answer.answer,
-            "first_token_kl_vs_full": kl_divergence(full_answer.first_token_logprobs,
-                                                    answer.first_token_logprobs),
-            **{key: stats[key] for key in FLATTENED}, "stats": stats,
-            "warnings": session.warnings}
 
 
 # info and the memory preflight: predictions without weights ----------------------------
@@ -207,12 +146,12 @@ def plan_run(path: str, options: RunOptions) -> RunPlan:
                              end=options.end, timestamps=video.frame_timestamps(path))
     device = resolve_device(options.device)
     layout = _layout(resolved, options, probe, plan)
-    chunks = predict.chunk_sizes(layout.tokens, resolved.chunk_frames or layout.frames_per_unit)
+    chunks = accounting.chunk_sizes(layout.tokens, resolved.chunk_frames or layout.frames_per_unit)
     flops = {}
     for method in ("full", "window", "statekv"):
         policy = make_policy(method, budget=resolved.budget,
                              window_tokens=resolved.window_frames * layout.tokens_per_frame)
-        flops[method] = predict.predict_lm_flops(layout.shape, chunks, policy, options.pin_prefix)
+        flops[method] = accounting.predict_lm_flops(layout.shape, chunks, policy, options.pin_prefix)
     total = sum(chunks)
     statekv = resolved.method == "statekv"
     memory = accounting.estimate_memory(
@@ -226,33 +165,15 @@ def preflight(plan: RunPlan, force: bool) -> None:
     """Refuse a run that will not fit in free memory (RAM, or the GPU's), unless forced."""
     from statekv.errors import ResourceError
     
-    need, free = plan.memory.peak_memory_bytes, predict.available_memory(plan.device)
+    need, free = plan.memory.peak_memory_bytes, accounting.available_memory(plan.device)
     if force or need <= free:
         return
     where = "GPU memory" if plan.device.type == "cuda" else "free RAM"
     raise ResourceError(
-        f"this run needs about {predict.human_bytes(need)} (weights {predict.human_bytes(plan.memory.weights_bytes)}, "
-        f"detailed cache {predict.human_bytes(plan.memory.detailed_cache_bytes)}) but only "
-        f"{predict.human_bytes(free)} of {where} is available; use fewer --max-frames, a lower --fps, "
+        f"this run needs about {format_bytes(need)} (weights {format_bytes(plan.memory.weights_bytes)}, "
+        f"detailed cache {format_bytes(plan.memory.detailed_cache_bytes)}) but only "
+        f"{format_bytes(free)} of {where} is available; use fewer --max-frames, a lower --fps, "
         f"a smaller preset or --dtype bfloat16, or --force to try anyway")
-
-
-def info(path: str, options: RunOptions) -> dict[str, Any]:
-    """`statekv info`: the probe, what would be sampled, and predicted cost per method."""
-    run = plan_run(path, options)
-    probe = run.probe
-    return {"path": path, "duration_seconds": probe.duration_seconds, "fps": probe.fps,
-            "frame_count": probe.frame_count, "width": probe.width, "height": probe.height,
-            "codec": probe.codec, "sampled_frames": len(run.frames.indices),
-            "frame_timestamps": list(run.frames.timestamps),
-            "tokens_per_frame": run.layout.tokens_per_frame,
-            "model": run.resolved.model, "preset": run.resolved.preset.name,
-            "predicted": {"methods": {m: {"lm_prefill_flops": f} for m, f in run.flops.items()},
-                          "detailed_cache_bytes": run.memory.detailed_cache_bytes,
-                          "weights_bytes": run.memory.weights_bytes,
-                          "peak_memory_bytes": run.memory.peak_memory_bytes,
-                          "available_memory_bytes": predict.available_memory(run.device),
-                          "exact_layout": run.layout.exact}}
 
 
 @dataclass
@@ -383,7 +304,3 @@ def read_questions(path: str) -> list[str]:
     if not questions:
         raise InputError(f"questions file {path} holds no questions")
     return questions
-
-
-__all__ = ["RunOptions", "ask", "compare", "info", "read_questions", "load_model", "prefill",
-           "resolve", "kl_divergence"]

@@ -2,7 +2,7 @@
 
 Measured mode builds a preset's language model as the real transformers text class with
 random weights (no download), feeds it synthetic frames (random embeddings, `tokens_per_frame`
-per frame, 1-D positions) through the same engine path users run (`statekv.prefill.prefill`),
+per frame, 1-D positions) through the same engine path users run (`statekv.prefill.prefill_chunks`),
 and times the language-model prefill only. Analytic mode gives the same table for real
 checkpoints from the preset's architecture numbers, without weights.
 
@@ -24,15 +24,15 @@ import torch
 
 from statekv import accounting
 from statekv.errors import UsageError
-from statekv.models.base import QUESTION_SENTINEL, ChunkInputs, PromptPieces, VideoAdapter
+from statekv.models.synthetic import (
+    PREFIX_TOKENS, SyntheticAdapter, build_language_model, synthetic_chunks, text_config,
+)
 from statekv.policies import Policy, make_policy
-from statekv.prefill import PrefillEvent, forward_chunk, prefill
+from statekv.prefill import PrefillEvent, forward_chunk, prefill_chunks
 from statekv.presets import Architecture, Preset, load_preset
 
 DEFAULT_FRAMES = (32, 64, 128, 256, 512, 1024)
 DEFAULT_METHODS = ("full", "window", "statekv")
-PREFIX_TOKENS = 16  # synthetic text before the video (a chat template's system + user start)
-EMBEDDING_POOL_FRAMES = 16  # distinct random frames, cycled: keeps input generation off the clock
 # Language-model classes by preset family: all shipped families use a Qwen2-style decoder.
 TEXT_MODELS = {"internvl": "qwen2"}
 
@@ -77,106 +77,6 @@ def resolve_architecture(preset_or_arch: str | Preset | Architecture) -> tuple[A
     return preset.architecture, preset
 
 
-def text_config(arch: Architecture, max_positions: int = 1 << 20) -> Any:
-    """The transformers config of the preset's language model (Qwen2 for the shipped families)."""
-    from transformers import Qwen2Config
-
-    return Qwen2Config(
-        hidden_size=arch.hidden, intermediate_size=arch.intermediate,
-        num_hidden_layers=arch.layers, num_attention_heads=arch.heads,
-        num_key_value_heads=arch.kv_heads, head_dim=arch.resolved_head_dim,
-        vocab_size=64,  # the benchmark feeds embeddings; a real vocabulary would only cost memory
-        max_position_embeddings=max_positions, use_sliding_window=False,
-        tie_word_embeddings=False,
-    )
-
-
-def build_language_model(arch: Architecture, dtype: torch.dtype = torch.float32,
-                         device: str | torch.device = "cpu", seed: int = 0) -> torch.nn.Module:
-    """The real transformers text model of `arch` with random weights, in eval mode."""
-    from transformers import Qwen2Model
-
-    from statekv.attention import ATTENTION_NAME
-
-    torch.manual_seed(seed)
-    model = Qwen2Model(text_config(arch)).to(device=device, dtype=dtype).eval()
-    model.set_attn_implementation(ATTENTION_NAME)
-    return model
-
-
-class SyntheticAdapter(VideoAdapter):
-    """A model family whose frames are random embeddings: drives the real prefill loop."""
-
-    family = "synthetic"
-    model_types = ()
-
-    def __init__(self, language_model: torch.nn.Module, tokens_per_frame: int,
-                 prefix_tokens: int = PREFIX_TOKENS, seed: int = 0) -> None:
-        self.model = language_model
-        self.processor = self.tokenizer = None
-        self._tokens_per_frame = tokens_per_frame
-        self.prefix_tokens = prefix_tokens
-        hidden = language_model.config.hidden_size
-        generator = torch.Generator().manual_seed(seed)
-        pool = torch.randn(EMBEDDING_POOL_FRAMES, tokens_per_frame, hidden, generator=generator)
-        self._pool = pool.to(self.device, self.dtype)  # (pool frames, tokens_per_frame, hidden)
-        self._text = torch.randn(1, max(1, prefix_tokens), hidden, generator=generator).to(
-            self.device, self.dtype)
-
-    @property
-    def language_model(self) -> torch.nn.Module:
-        return self.model
-
-    def tokens_per_frame(self, height=None, width=None) -> int:
-        return self._tokens_per_frame
-
-    def prompt(self, system_prompt=None) -> PromptPieces:
-        return PromptPieces(prefix="", suffix=QUESTION_SENTINEL)
-
-    def start(self, frame_count, timestamps, prompt, frame_size=None, duration=None) -> int:
-        return self.prefix_tokens + frame_count * self._tokens_per_frame
-
-    def layout_tokens(self, frame_count, timestamps, prompt, frame_size=None) -> list[int]:
-        return [self.prefix_tokens] + [self._tokens_per_frame] * frame_count
-
-    def prefix_chunk(self) -> ChunkInputs:
-        return self.token_chunk([0] * self.prefix_tokens, 0)
-
-    def video_chunk(self, frames, first: int, offset: int) -> ChunkInputs:
-        index = [(first + i) % EMBEDDING_POOL_FRAMES for i in range(len(frames))]
-        embeds = self._pool[index].reshape(1, -1, self._pool.shape[-1])
-        ids = [0] * embeds.shape[1]
-        return ChunkInputs(ids, embeds, _positions(offset, len(ids), self.device), frames=len(frames))
-
-    def text_chunk(self, text: str, offset: int) -> ChunkInputs:
-        return self.token_chunk([0] * max(1, len(text.split())), offset)
-
-    def token_chunk(self, token_ids, offset) -> ChunkInputs:
-        tokens = len(token_ids)
-        embeds = self._text[:, :1].expand(1, tokens, -1).contiguous()
-        return ChunkInputs(list(token_ids), embeds, _positions(offset, tokens, self.device))
-
-
-def _positions(offset: int, length: int, device) -> torch.Tensor:
-    return torch.arange(offset, offset + length, device=device).unsqueeze(0)
-
-
-@dataclass
-class _FrameRun:
-    """Placeholder frames shaped like video.FrameChunk (the adapter only counts them)."""
-
-    frames: np.ndarray
-    first: int
-    timestamps: tuple[float, ...]
-
-
-def synthetic_chunks(frame_count: int, chunk_frames: int) -> Iterator[_FrameRun]:
-    for first in range(0, frame_count, chunk_frames):
-        n = min(chunk_frames, frame_count - first)
-        yield _FrameRun(np.zeros((n, 1, 1, 3), np.uint8), first,
-                        tuple(float(i) for i in range(first, first + n)))
-
-
 # measured mode -----------------------------------------------------------------------------
 @dataclass
 class _Run:
@@ -201,7 +101,7 @@ def _run_once(adapter: SyntheticAdapter, policy: Policy, frame_count: int, chunk
     gc.collect()
     memory = accounting.PeakMemory(adapter.device)
     with memory:
-        result = prefill(adapter, synthetic_chunks(frame_count, chunk_frames), policy,
+        result = prefill_chunks(adapter, synthetic_chunks(frame_count, chunk_frames), policy,
                          frame_count=frame_count, timestamps=(), attention=attention,
                          on_event=events.append, memory=memory)
     elapsed = [e.elapsed_seconds for e in events]  # events[0] is the text prefix
@@ -318,14 +218,14 @@ def _run_bench(preset_or_arch, frames, methods, budget, window_frames, repeats, 
 
 
 def _check(frames, methods, budget, window_frames, repeats, tokens_per_frame, chunk_frames) -> None:
-    from statekv.policies import METHODS
+    from statekv.policies import check_method
 
     if not frames or min(frames) < 1:
         raise UsageError("--frames needs at least one positive frame count")
-    unknown = [m for m in methods if m not in METHODS]
-    if not methods or unknown:
-        raise UsageError(f"unknown method(s) {', '.join(unknown) or '(none)'}; "
-                         f"choose from: {', '.join(METHODS)}")
+    if not methods:
+        raise UsageError("--methods needs at least one method")
+    for method in methods:
+        check_method(method, option="--methods")
     for name, value in (("--budget", budget), ("--window-frames", window_frames),
                         ("--repeats", repeats), ("tokens per frame", tokens_per_frame),
                         ("--chunk-frames", chunk_frames)):
@@ -419,7 +319,7 @@ def decode_rates(
     adapter = SyntheticAdapter(model, arch.tokens_per_frame, seed=seed)
     policy = _policy(method, budget, window_frames, arch.tokens_per_frame)
     with torch.inference_mode():
-        result = prefill(adapter, synthetic_chunks(frames, 1), policy, frame_count=frames,
+        result = prefill_chunks(adapter, synthetic_chunks(frames, 1), policy, frame_count=frames,
                          timestamps=())
         cache = result.cache
         rates = []

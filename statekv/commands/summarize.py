@@ -313,7 +313,7 @@ def summarize_one(model: Any, resolved: Any, options: Any, path: str, prompt: st
     The record names the video by `path` as given; `source` (default: `path`) is where it
     is read from (a Ray worker reads the absolute path, its working folder may differ).
     """
-    from statekv import tasks
+    from statekv.commands import plan as planning
 
     source = source or path
     size, mtime = _file_facts(source)
@@ -322,7 +322,7 @@ def summarize_one(model: Any, resolved: Any, options: Any, path: str, prompt: st
                               "settings_hash": digest, "status": "error", "summary": None,
                               "stats": None, "error": None, "warnings": []}
     try:
-        session = tasks.prefill(model, resolved, options, source, resolved.method, on_event)
+        session = planning.prefill_video(model, resolved, options, source, resolved.method, on_event)
         answer = session.ask([prompt], resolved.max_new_tokens)[0]
         record.update(settings=dict(session.settings.to_dict(), prompt=prompt), status="ok",
                       summary=answer.answer, stats=session.stats.to_dict(),
@@ -359,11 +359,11 @@ def summarize(videos: list[str], options: Any, prompt: str | None = None,
     The model is loaded once (per Ray actor with `use_ray`). KeyboardInterrupt propagates;
     every line already written stays valid.
     """
-    from statekv import tasks
+    from statekv.commands import plan as planning
 
     started = time.perf_counter()
     _refuse_output_over_input(out, videos)
-    resolved = tasks.resolve(options)
+    resolved = planning.resolve(options)
     prompt = prompt if prompt else resolved.preset.summary_prompt
     settings = requested_settings(resolved, options, prompt)
     digest = settings_hash(settings)
@@ -395,10 +395,10 @@ def summarize(videos: list[str], options: Any, prompt: str | None = None,
 
 
 def _run_local(todo, options, prompt, settings, digest, emit, on_video, on_event) -> None:
-    from statekv import tasks
+    from statekv.commands import plan as planning
 
     _preflight(todo, options)
-    model, resolved = tasks.load_model(options)
+    model, resolved = planning.load_model(options)
     for path in todo:
         if on_video:
             on_video("start", path, None)
@@ -410,16 +410,16 @@ def _preflight(todo: list[str], options: Any) -> None:
 
     Unreadable videos are passed over here: each gets its own error record later.
     """
-    from statekv import tasks
+    from statekv.commands import plan as planning
 
     if options.force:
         return
     for path in todo:
         try:
-            run = tasks.plan_run(path, options)
+            run = planning.plan_run(path, options)
         except StateKVError:
             continue
-        tasks.preflight(run, force=False)
+        planning.preflight(run, force=False)
         return
 
 
@@ -428,13 +428,13 @@ class SummaryWorker:
     """A Ray actor's body: loads the model once, then summarises one video per call."""
 
     def __init__(self, options: Any, prompt: str, settings: dict[str, Any], digest: str) -> None:
-        from statekv import tasks
+        from statekv.commands import plan as planning
 
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         self.options, self.prompt, self.settings, self.digest = options, prompt, settings, digest
         self.failure: tuple[str, str, int] | None = None
         try:
-            self.model, self.resolved = tasks.load_model(options)
+            self.model, self.resolved = planning.load_model(options)
         except Exception as exc:  # noqa: BLE001 - reported by ready()
             code = exc.exit_code if isinstance(exc, StateKVError) else 1
             self.failure = (type(exc).__name__, str(exc), code)

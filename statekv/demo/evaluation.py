@@ -1,7 +1,7 @@
 """The shipped demo model: answer questions about synthetic videos offline, and benchmark methods.
 
-`statekv/demo_model/` is a tiny InternVL (real transformers classes, ~0.42M parameters) trained
-by `tools/train_demo.py` with full attention on `statekv.synthetic` videos. `run_demo` renders a
+`statekv/demo/checkpoint/` holds a tiny InternVL (real transformers classes, ~0.42M parameters) trained
+by `tools/train_demo.py` with full attention on `statekv.demo.synthetic` videos. `run_demo` renders a
 video, prefills it and answers its questions beside the truth; `run_eval` measures how close
 each prefill method stays to full attention (accuracy, agreement, KL, LM prefill FLOPs), with
 the isolated floor that tells whether the benchmark can discriminate at all. Nothing here
@@ -20,24 +20,21 @@ from typing import Any, Callable, ClassVar, Sequence
 import numpy as np
 import torch
 
-from statekv import synthetic
+from statekv.demo import synthetic
 from statekv.errors import ModelError, UsageError
-from statekv.policies import Policy, StateKV, make_policy
+from statekv.policies import BENCHMARK_METHODS, Policy, make_policy
 
 DEMO_MODEL = "statekv/demo"  # the preset's `model`; resolve_checkpoint maps it to the folder
 FLOOR_GAP = 0.15  # full must beat isolated by this much for the benchmark to discriminate
-EVAL_METHODS = ("full", "isolated", "window", "statekv", "random")
+EVAL_METHODS = ("full", "isolated", "window", "statekv", "random")  # eval's column order
 TRAINED_FRAMES = 32  # the demo model's training length (tools/train_demo.py's curriculum ends here)
 
 
 def demo_checkpoint() -> str:
     """The shipped demo checkpoint directory (inside the installed package)."""
-    folder = resources.files("statekv") / "demo_model"
-    path = Path(str(folder))
-    if not (path / "config.json").is_file() or not (path / "model.safetensors").is_file():
-        raise ModelError(f"the demo model is missing from {path}; reinstall statekv or retrain it "
-                         f"with: python tools/train_demo.py")
-    return str(path)
+    from statekv.loading import bundled_checkpoint
+
+    return bundled_checkpoint(DEMO_MODEL)
 
 
 def load_demo(device: str = "cpu"):
@@ -123,22 +120,6 @@ def run_demo(frames: int = 32, seed: int = 0, method: str = "statekv", budget: i
 
 # eval ---------------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class RandomKeep(StateKV):
-    """Carry `tokens` entries chosen uniformly at random each chunk: the selection baseline."""
-
-    name: ClassVar[str] = "random"
-    seed: int = 0
-    generator: torch.Generator = field(default=None, compare=False, repr=False)
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        object.__setattr__(self, "generator", torch.Generator().manual_seed(self.seed))
-
-    def scores(self, mass: torch.Tensor | None, positions: torch.Tensor) -> torch.Tensor:
-        return torch.rand(positions.shape, generator=self.generator).to(positions.device)
-
-
-@dataclass(frozen=True)
 class MethodSpec:
     """One column of the benchmark: a method with its budget (tokens) and prefix pinning."""
 
@@ -152,10 +133,8 @@ class MethodSpec:
         return text + ("+pin" if self.pin_prefix else "")
 
     def policy(self, tokens_per_frame: int, seed: int) -> Policy:
-        if self.method == "random":
-            return RandomKeep(tokens=int(self.budget), seed=seed)
-        window = None if self.budget is None else self.budget
-        return make_policy(self.method, budget=self.budget, window_tokens=window)
+        # window gets the same tokens as the others' budget (a window of that many tokens)
+        return make_policy(self.method, budget=self.budget, window_tokens=self.budget, seed=seed)
 
 
 @dataclass
@@ -222,19 +201,12 @@ def default_specs(budgets: Sequence[int], pin: str = "both",
 
 def _first_token_logprobs(model, frames, timestamps, spec: MethodSpec, questions, seed: int):
     """(questions, vocab) log-probabilities of each question's first answer token, and FLOPs."""
-    from statekv.answer import question_logits
-    from statekv.prefill import prefill
-    from statekv.session import _Frames
-
-    adapter = model.adapter
-    tpf = adapter.tokens_per_frame()
-    chunks = (_Frames(frames[i:i + 1], i, (float(timestamps[i]),)) for i in range(len(frames)))
-    state = prefill(adapter, chunks, spec.policy(tpf, seed), frame_count=len(frames),
-                    timestamps=tuple(float(t) for t in timestamps),
-                    frame_size=(int(frames.shape[1]), int(frames.shape[2])),
-                    pin_prefix=spec.pin_prefix)
-    rows = [torch.log_softmax(question_logits(adapter, state, q)[-1], dim=-1) for q in questions]
-    return torch.stack(rows), state.lm_prefill_flops, state.full_lm_prefill_flops
+    policy = spec.policy(model.adapter.tokens_per_frame(), seed)
+    session = model.prefill_frames(frames, timestamps, method=policy, chunk_frames=1,
+                                   pin_prefix=spec.pin_prefix, seed=seed)
+    rows = [torch.log_softmax(session.question_logits(q)[-1], dim=-1) for q in questions]
+    stats = session.stats
+    return torch.stack(rows), stats.lm_prefill_flops, stats.full_lm_prefill_flops
 
 
 def _bootstrap(per_video: np.ndarray, reference: np.ndarray, seed: int, rounds: int = 1000):
@@ -352,7 +324,8 @@ def _report(model, rows: list[EvalRow]) -> EvalReport:
                     f"points of chance ({chance:.0%}): the demo model was trained on "
                     f"{TRAINED_FRAMES}-frame videos and does not generalise there")
     adapter = model.adapter
-    frame_tokens = len(adapter._frame_ids(1)) if hasattr(adapter, "_frame_ids") else 0
+    frame_ids = adapter.frame_token_ids(1)
+    frame_tokens = 0 if frame_ids is None else len(frame_ids)
     return EvalReport(rows, adapter.tokens_per_frame(), frame_tokens, dict(synthetic.CHANCE),
                       floor, discriminates, verdict)
 

@@ -1,6 +1,6 @@
 """Tiny random-weight SmolVLM2 and LLaVA-OneVision checkpoints that load like the real ones.
 
-Built the way `statekv.tiny` builds InternVL: the BPE vocabulary trained there, wrapped in each
+Built the way `statekv.testing.internvl` builds InternVL: the BPE vocabulary trained there, wrapped in each
 family's own fast tokenizer class with every special token its processor and chat template
 emit; the family's real chat template; the real processor classes configured for small frames;
 a tiny text model (2 layers, hidden 64, 4 heads, 2 KV heads) and vision tower; saved with
@@ -71,8 +71,8 @@ _NORM_HALF = {"image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}
 
 @lru_cache(maxsize=1)
 def _bpe() -> tuple[tuple[tuple[str, int], ...], tuple[tuple[str, str], ...]]:
-    """statekv.tiny's trained byte-level BPE (vocab without InternVL's added tokens, merges)."""
-    from statekv.tiny import _ADDED_TOKENS, _build_tokenizer
+    """statekv.testing.internvl's trained byte-level BPE (vocab without InternVL's added tokens, merges)."""
+    from statekv.testing.internvl import _ADDED_TOKENS, _build_tokenizer
 
     model = json.loads(_build_tokenizer().backend_tokenizer.to_str())["model"]
     vocab = sorted(((t, i) for t, i in model["vocab"].items() if t not in set(_ADDED_TOKENS)),

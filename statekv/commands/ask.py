@@ -1,0 +1,98 @@
+"""`statekv ask`, `compare` and `info`: one video, one model, records as docs/formats.md states.
+
+Each function returns the JSON record of its command, so the CLI only parses, calls one of
+these and renders.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+from statekv import accounting
+from statekv.commands.plan import RunOptions, load_model, plan_run, preflight, prefill_video
+from statekv.errors import UsageError
+from statekv.policies import check_method
+from statekv.prefill import PrefillEvent
+from statekv.session import Model, Session
+
+
+def ask(path: str, questions: list[str], options: RunOptions, model: Model | None = None,
+        on_event: Callable[[PrefillEvent], None] | None = None) -> dict[str, Any]:
+    """`statekv ask`: one prefill, every answer; the CONTRACTS.md record."""
+    if not questions:
+        raise UsageError("give at least one question (or --questions FILE)")
+    run = plan_run(path, options)  # a bad file or option fails before the model loads
+    resolved = run.resolved
+    if model is None:
+        preflight(run, options.force)
+        model, _ = load_model(options, resolved)
+    session = prefill_video(model, resolved, options, path, resolved.method, on_event)
+    answers = session.ask(questions, resolved.max_new_tokens)
+    return {"path": path, "settings": session.settings.to_dict(),
+            "answers": [a.to_dict() for a in answers], "stats": session.stats.to_dict(),
+            "warnings": session.warnings}
+
+
+def kl_divergence(reference: torch.Tensor, other: torch.Tensor) -> float:
+    """KL(reference || other) of two log-probability vectors, in nats."""
+    return float(torch.sum(reference.exp() * (reference - other)).clamp_min(0.0))
+
+
+FLATTENED = ("lm_prefill_flops", "vision_flops", "lm_prefill_seconds", "peak_memory_bytes",
+             "carried_tokens", "detailed_tokens")
+
+
+def compare(path: str, question: str, methods: list[str], options: RunOptions,
+            model: Model | None = None,
+            on_method: Callable[[str], Callable[[PrefillEvent], None] | None] | None = None,
+            ) -> dict[str, Any]:
+    """`statekv compare`: every method on the same frames; agreement with full."""
+    for method in methods:
+        check_method(method, option="--methods")
+    run = plan_run(path, options)  # a bad file or option fails before the model loads
+    resolved = run.resolved
+    if model is None:
+        preflight(run, options.force)
+        model, _ = load_model(options, resolved)
+    order = (["full"] if "full" not in methods else []) + list(methods)
+    results: dict[str, tuple[Session, Any]] = {}
+    for method in dict.fromkeys(order):  # full first: the others are compared with it
+        session = prefill_video(model, resolved, options, path, method,
+                          on_method(method) if on_method else None)
+        results[method] = (session, session.ask([question], resolved.max_new_tokens)[0])
+    full_answer = results["full"][1]
+    rows = [_compare_row(method, *results[method], full_answer) for method in methods]
+    settings = results[methods[0]][0].settings.to_dict()
+    shared = {k: v for k, v in settings.items() if k not in ("method", "budget", "window_frames")}
+    return {"path": path, "question": question, "settings": shared, "methods": rows}
+
+
+def _compare_row(method, session, answer, full_answer) -> dict[str, Any]:
+    stats = session.stats.to_dict()
+    return {"method": method, "budget": session.settings.budget,
+            "window_frames": session.settings.window_frames, "answer": answer.answer,
+            "agrees_with_full": answer.answer == full_answer.answer,
+            "first_token_kl_vs_full": kl_divergence(full_answer.first_token_logprobs,
+                                                    answer.first_token_logprobs),
+            **{key: stats[key] for key in FLATTENED}, "stats": stats,
+            "warnings": session.warnings}
+
+
+def info(path: str, options: RunOptions) -> dict[str, Any]:
+    """`statekv info`: the probe, what would be sampled, and predicted cost per method."""
+    run = plan_run(path, options)
+    probe = run.probe
+    return {"path": path, "duration_seconds": probe.duration_seconds, "fps": probe.fps,
+            "frame_count": probe.frame_count, "width": probe.width, "height": probe.height,
+            "codec": probe.codec, "sampled_frames": len(run.frames.indices),
+            "frame_timestamps": list(run.frames.timestamps),
+            "tokens_per_frame": run.layout.tokens_per_frame,
+            "model": run.resolved.model, "preset": run.resolved.preset.name,
+            "predicted": {"methods": {m: {"lm_prefill_flops": f} for m, f in run.flops.items()},
+                          "detailed_cache_bytes": run.memory.detailed_cache_bytes,
+                          "weights_bytes": run.memory.weights_bytes,
+                          "peak_memory_bytes": run.memory.peak_memory_bytes,
+                          "available_memory_bytes": accounting.available_memory(run.device),
+                          "exact_layout": run.layout.exact}}

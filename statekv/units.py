@@ -1,0 +1,50 @@
+"""Numbers as people read them: FLOPs, bytes, seconds, fractions. No torch, no rich.
+
+The one place figures are formatted and ratios are taken, so the CLI, the library's
+messages and the benchmarks all print the same thing for the same number.
+"""
+
+from __future__ import annotations
+
+import math
+
+
+def format_flops(value: float) -> str:
+    """FLOPs with a decimal unit: '1.23 TFLOP'."""
+    for unit, scale in (("PFLOP", 1e15), ("TFLOP", 1e12), ("GFLOP", 1e9), ("MFLOP", 1e6)):
+        if abs(value) >= scale:
+            return f"{value / scale:.2f} {unit}"
+    return f"{value:.0f} FLOP"
+
+
+def format_bytes(value: float) -> str:
+    """Bytes with a binary unit: '1.5 GiB'."""
+    for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(value) >= scale:
+            return f"{value / scale:.1f} {unit}"
+    return f"{value:.0f} B"
+
+
+def format_seconds(value: float | None) -> str:
+    """Seconds as '0.42 s', '12.3 s', '4m05s' or '1h02m'; '-' when unknown."""
+    if value is None or not math.isfinite(value):
+        return "-"
+    if value < 10:
+        return f"{value:.2f} s"
+    if value < 60:
+        return f"{value:.1f} s"
+    minutes, seconds = divmod(int(round(value)), 60)
+    if minutes < 60:
+        return f"{minutes}m{seconds:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m"
+
+
+def fraction(part: float, whole: float) -> float | None:
+    """part / whole, or None when there is no whole to compare with (nothing ran)."""
+    return None if not whole else part / whole
+
+
+def format_fraction(value: float | None) -> str:
+    """A fraction as a percentage, '-' when undefined."""
+    return "-" if value is None else f"{value:.0%}"
