@@ -11,7 +11,7 @@ from rich.table import Table
 from statekv_cli.options import (
     Debug, Device, Json, PinPrefix, Quiet, Seed, emit_json, err, handle_errors, out,
 )
-from statekv_cli.progress import flops
+from statekv.units import format_flops as flops, format_fraction
 
 DemoMethod = Annotated[str, typer.Option(
     "--method", help="full, window, statekv or isolated (the floor).")]
@@ -62,7 +62,7 @@ def demo(
     if not quiet:
         s = result.stats
         err.print(f"LM prefill {flops(s['lm_prefill_flops'])} "
-                  f"({s['lm_prefill_flops'] / max(1, s['full_lm_prefill_flops']):.0%} of full "
+                  f"({format_fraction(s['lm_flops_fraction'])} of full "
                   f"attention's), carried {s['carried_tokens']} / detailed {s['detailed_tokens']} "
                   f"tokens", markup=False)
 
