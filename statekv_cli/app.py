@@ -21,6 +21,7 @@ from statekv_cli.options import (
     err,
     handle_errors,
     out,
+    method_names,
     run_options_from_cli,
 )
 from statekv_cli.options import ALL_RUN_OPTIONS
@@ -52,12 +53,6 @@ app.command("summarize")(summarize)
 app.command("bench")(bench)
 app.command("demo")(demo)
 app.command("eval")(eval_)
-
-
-def _method_names() -> str:
-    from statekv.policies import METHODS
-
-    return ", ".join(METHODS)
 
 
 def _print_warnings(warnings: list[str], quiet: bool) -> None:
@@ -115,7 +110,7 @@ def compare(
     question: Annotated[str, typer.Argument(help="The question every method answers.", show_default=False)],
     methods: Annotated[str, typer.Option(
         "--methods", help="Comma-separated methods to run on the same frames (full always runs "
-        f"as the reference), from: {_method_names()}.")] = "full,window,statekv",
+        f"as the reference), from: {method_names()}.")] = "full,window,statekv",
     json_output: Json = False, quiet: Quiet = False, debug: Debug = False, options: Any = None,
 ) -> None:
     """Run several methods on the same frames and compare answers, FLOPs, time and memory.

@@ -14,7 +14,7 @@ import typer
 from rich.table import Table
 
 from statekv.units import format_bytes as size, format_flops as flops
-from statekv_cli.options import Debug, emit_json, err, handle_errors, out
+from statekv_cli.options import Debug, emit_json, err, handle_errors, method_names, out
 
 
 def _ints(text: str, option: str) -> list[int]:
@@ -35,7 +35,7 @@ def bench(
     frames: Annotated[str, typer.Option(
         "--frames", help="Comma-separated frame counts.")] = "32,64,128,256,512,1024",
     methods: Annotated[str, typer.Option(
-        "--methods", help="Comma-separated methods: full, window, statekv, isolated.")] = "full,window,statekv",
+        "--methods", help=f"Comma-separated methods, from: {method_names()}.")] = "full,window,statekv",
     budget: Annotated[int | None, typer.Option(
         "--budget", help="statekv: tokens carried per layer and KV head. Default: the preset's.")] = None,
     window_frames: Annotated[int | None, typer.Option(

@@ -9,12 +9,12 @@ import typer
 from rich.table import Table
 
 from statekv_cli.options import (
-    Debug, Device, Json, PinPrefix, Quiet, Seed, emit_json, err, handle_errors, out,
+    Debug, Device, Json, PinPrefix, Quiet, Seed, emit_json, err, handle_errors, method_names, out,
 )
 from statekv.units import format_flops as flops, format_fraction
 
 DemoMethod = Annotated[str, typer.Option(
-    "--method", help="full, window, statekv or isolated (the floor).")]
+    "--method", help=f"One of {method_names()} (isolated: the floor).")]
 DemoBudget = Annotated[int, typer.Option(
     "--budget", help="statekv: tokens carried per layer and KV head (a frame is about 11 tokens).")]
 DemoWindow = Annotated[int, typer.Option(

@@ -41,7 +41,8 @@ def _default_preset() -> str:
     return DEFAULT_PRESET
 
 
-def _methods() -> str:
+def method_names() -> str:
+    """The `--method` choices, from the registry in statekv/policies.py."""
     from statekv.policies import METHODS
 
     return ", ".join(METHODS)
@@ -56,7 +57,7 @@ RUN_OPTIONS: dict[str, tuple[Any, Any, Any]] = {
         "--model", help="Hugging Face model id or local checkpoint directory; overrides the "
         "preset's."), None),
     "method": (str | None, typer.Option(
-        "--method", help=f"One of {_methods()}: full (exact, quadratic), window (recent frames "
+        "--method", help=f"One of {method_names()}: full (exact, quadratic), window (recent frames "
         f"only), statekv (top attention mass, linear), isolated (a floor for benchmarks). "
         f"Default: {_preset_default('method')}."), None),
     "budget": (int | None, typer.Option(
