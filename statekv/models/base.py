@@ -132,6 +132,11 @@ class VideoAdapter(ABC):
         seconds (SmolVLM names it in its intro sentence).
         """
 
+    def rotary_length(self, tokens: int) -> int:
+        """Largest position + 1 of a sequence of `tokens` tokens (this video's prefix and frames
+        first): what a length-dependent rotary embedding sees. 1-D positions: `tokens`."""
+        return tokens
+
     def tokenize(self, text: str) -> list[int]:
         """Token ids of `text` as the prompt uses it (no special tokens added)."""
         return self.tokenizer.encode(text, add_special_tokens=False)
