@@ -243,10 +243,17 @@ class Model:
                              f"{self.family} models, got {chunk_frames}")
         return chunk_frames
 
+    def layout(self, shape: _VideoShape, system_prompt: str | None) -> list[int] | None:
+        """Token counts of the prefix, then of each frame, as the adapter will lay them out."""
+        return self.adapter.layout_tokens(
+            shape.frames, shape.timestamps, self.adapter.prompt(system_prompt),
+            frame_size=shape.frame_size, duration=shape.duration)
+
     def _run(self, chunks: Iterable[Any], shape: _VideoShape, sampling: dict[str, Any],
              run: _Run) -> Session:
+        layout = self.layout(shape, run.system_prompt)
         policy, budget, window_frames = _policy(run.method, run.budget, run.window_frames,
-                                                shape.tokens_per_frame)
+                                                shape.tokens_per_frame, layout)
         _seed(run.seed)
         settings = Settings(
             model=self.name, model_revision=self.revision, family=self.family,
@@ -288,10 +295,14 @@ class _Run:
 
 
 def _policy(method: str | Policy, budget: int | None, window_frames: int | None,
-            tokens_per_frame: int) -> tuple[Policy, int | None, int | None]:
-    """The policy object, and the budget and window (frames) to record in `settings`."""
+            tokens_per_frame: int, layout: list[int] | None = None
+            ) -> tuple[Policy, int | None, int | None]:
+    """The policy object, and the budget and window (frames) to record in `settings`.
+
+    `window` keeps the last N whole frames from the adapter's real per-frame token counts
+    (`layout`: prefix, then each frame); N x visual tokens only when the layout is unknown."""
     if isinstance(method, Policy):
-        return method, method.budget, None
+        return method, method.budget, getattr(method, "frames", None)
     if not isinstance(method, str):
         raise UsageError(f"method must be a method name or a Policy, got {type(method).__name__}")
     check_method(method, BENCHMARK_METHODS)
@@ -300,7 +311,8 @@ def _policy(method: str | Policy, budget: int | None, window_frames: int | None,
     if window_frames is not None and window_frames < 1:
         raise UsageError(f"--window-frames must be at least 1, got {window_frames}")
     window_tokens = None if window_frames is None else window_frames * tokens_per_frame
-    policy = make_policy(method, budget=budget, window_tokens=window_tokens)
+    policy = make_policy(method, budget=budget, window_tokens=window_tokens,
+                         window_frames=window_frames, layout=layout)
     return policy, budget, window_frames
 
 

@@ -182,7 +182,10 @@ def _compare_table(record: dict) -> Table:
                    "prefill s", "peak mem", "carried", "detailed"):
         table.add_column(column, overflow="fold")
     for row in record["methods"]:
-        setting = {"statekv": f" B={row['budget']}", "window": f" {row['window_frames']} fr"}
+        window = f" {row['window_frames']} fr"
+        if row.get("window_tokens") is not None:
+            window += f" ({row['window_tokens']} tok)"
+        setting = {"statekv": f" B={row['budget']}", "window": window}
         table.add_row(row["method"] + setting.get(row["method"], ""), row["answer"],
                       "yes" if row["agrees_with_full"] else "no",
                       f"{row['first_token_kl_vs_full']:.4f}", flops(row["lm_prefill_flops"]),

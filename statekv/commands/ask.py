@@ -71,8 +71,11 @@ def compare(path: str, question: str, methods: list[str], options: RunOptions,
 
 def _compare_row(method, session, answer, full_answer) -> dict[str, Any]:
     stats = session.stats.to_dict()
+    policy = session.state.cache.policy
     return {"method": method, "budget": session.settings.budget,
-            "window_frames": session.settings.window_frames, "answer": answer.answer,
+            "window_frames": session.settings.window_frames,
+            "window_tokens": policy.capacity if method == "window" else None,
+            "answer": answer.answer,
             "agrees_with_full": answer.answer == full_answer.answer,
             "first_token_kl_vs_full": kl_divergence(full_answer.first_token_logprobs,
                                                     answer.first_token_logprobs),

@@ -150,7 +150,8 @@ def plan_run(path: str, options: RunOptions) -> RunPlan:
     flops = {}
     for method in ("full", "window", "statekv"):
         policy = make_policy(method, budget=resolved.budget,
-                             window_tokens=resolved.window_frames * layout.tokens_per_frame)
+                             window_tokens=resolved.window_frames * layout.tokens_per_frame,
+                             window_frames=resolved.window_frames, layout=layout.tokens)
         flops[method] = accounting.predict_lm_flops(layout.shape, chunks, policy, options.pin_prefix)
     total = sum(chunks)
     statekv = resolved.method == "statekv"

@@ -147,8 +147,8 @@ class VideoAdapter(ABC):
         return None
 
     def layout_tokens(self, frame_count: int, timestamps: tuple[float, ...],
-                      prompt: PromptPieces, frame_size: tuple[int, int] | None = None
-                      ) -> list[int] | None:
+                      prompt: PromptPieces, frame_size: tuple[int, int] | None = None,
+                      duration: float | None = None) -> list[int] | None:
         """Token counts of the prefix, then of each frame, without pixels (None if unknown).
 
         Lets `statekv info` predict FLOPs exactly without loading weights or decoding frames.

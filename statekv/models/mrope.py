@@ -135,7 +135,7 @@ class MRopeVideoAdapter(VideoAdapter):
             return tokens  # an upper bound: positions never run ahead of token indices
         return int(layout.positions.max()) + 1 + tokens - len(layout.ids)
 
-    def layout_tokens(self, frame_count, timestamps, prompt, frame_size=None) -> list[int] | None:
+    def layout_tokens(self, frame_count, timestamps, prompt, frame_size=None, duration=None) -> list[int] | None:
         """Prefix, then each frame's share of its temporal patch (a patch's tokens split over
         its two frames), from the frame size alone: no pixels, no weights."""
         if frame_size is None:
