@@ -172,8 +172,19 @@ def compare(
         emit_json(record)
         return
     out.print(_compare_table(record))
+    _print_warnings(record.get("warnings", []), quiet)
     for row in record["methods"]:
         _print_warnings([f"{row['method']}: {w}" for w in row["warnings"]], quiet)
+
+
+def _context_rows(context: dict | None) -> list[tuple[str, str]]:
+    if not context:
+        return []
+    trained = context["trained_positions"]
+    fit = context["frames_that_fit"]
+    return [("trained context", "not stated" if trained is None else f"{trained} positions"),
+            ("planned tokens", f"{context['planned_tokens']} + {context['answer_room']} answer room"),
+            ("frames that fit", "unknown" if fit is None else str(fit))]
 
 
 def _compare_table(record: dict) -> Table:
@@ -234,6 +245,7 @@ def info(
         ("detailed cache", size(predicted["detailed_cache_bytes"])),
         ("weights", size(predicted["weights_bytes"])),
         ("peak memory (estimate)", size(predicted["peak_memory_bytes"])),
+        *_context_rows(record.get("context")),
     ]
     for key, value in rows:
         table.add_row(key, value)

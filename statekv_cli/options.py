@@ -29,8 +29,19 @@ Budget = Annotated[int | None, typer.Option(
     "--budget", help="statekv: tokens carried per layer and KV head while prefilling. Default: preset's (4096).")]
 WindowFrames = Annotated[int | None, typer.Option(
     "--window-frames", help="window: how many recent frames a chunk sees. Default: preset's (16).")]
-MaxFrames = Annotated[int | None, typer.Option(
-    "--max-frames", help="Sample at most this many frames, uniformly. Default: preset's (256).")]
+def _max_frames(value: str | None) -> int | str | None:
+    if value is None or value == "fit":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise typer.BadParameter(f"a number of frames or 'fit', got {value!r}") from None
+
+
+MaxFrames = Annotated[str | None, typer.Option(
+    "--max-frames", parser=_max_frames, metavar="N|fit",
+    help="Sample at most this many frames, uniformly; 'fit': as many as fit in the model's "
+         "trained context (e.g. --max-frames fit). Default: preset's (256).")]
 Fps = Annotated[float | None, typer.Option(
     "--fps", help="Sample at most this many frames per second. Default: preset's (1.0).")]
 Start = Annotated[str | None, typer.Option(
