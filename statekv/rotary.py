@@ -11,7 +11,7 @@ would be rotated with other frequencies than the later chunks and the question.
 `fixed_rotary` computes the frequencies one forward over the planned sequence (prefix, every
 frame and the answer room) would use, with transformers' own `ROPE_INIT_FUNCTIONS`, holds them
 for every chunk and answer, and restores the module afterwards, so a model shared by several
-videos is unchanged. Static rope types (default, linear, yarn, llama3, M-RoPE's sections) do
+videos is unchanged. Static rope types (default, linear, yarn, llama3, proportional, M-RoPE) do
 not depend on the length and are left alone.
 """
 

@@ -220,7 +220,7 @@ class Model:
             return sum(self.layout(shape_of(frames), system_prompt) or [0]) if frames else 0
 
         if max_frames == "fit":
-            max_frames = self.frames_that_fit(len(shape_of(info.frame_count).timestamps),
+            max_frames = self.frames_that_fit(len(shape_of(max(1, info.frame_count)).timestamps),
                                               tokens_for)
         plan = video.plan_frames(info, max_frames, fps=fps, start=start, end=end,
                                  timestamps=timestamps)

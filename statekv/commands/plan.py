@@ -158,7 +158,7 @@ def plan_run(path: str, options: RunOptions) -> RunPlan:
 
     fit_mode = resolved.max_frames == "fit"
     if fit_mode:
-        resolved.max_frames = _fit(len(plan_of(probe.frame_count).indices), tokens_for,
+        resolved.max_frames = _fit(len(plan_of(max(1, probe.frame_count)).indices), tokens_for,
                                    layout_of(plan_of(1)).trained_positions, resolved.preset)
     plan = plan_of(resolved.max_frames)
     device = resolve_device(options.device)
