@@ -118,3 +118,15 @@ def test_within_the_trained_context_nothing_is_said(tiny_model, frames):
     session.ask(["what happens?"], max_new_tokens=3)
     assert session.context.frames_that_fit == len(frames)
     assert not [w for w in session.warnings if "trained context" in w]
+
+
+def test_compare_shows_the_window_in_frames_and_tokens(clip, tiny_internvl_dir):
+    args = ["compare", clip, "what happens?", "--model", tiny_internvl_dir, "--methods",
+            "full,window", "--window-frames", "2", "--max-frames", "4", "--fps", "4",
+            "--max-new-tokens", "2"]
+    record = json.loads(run(*args, "--json").stdout)
+    row = next(r for r in record["methods"] if r["method"] == "window")
+    # two whole frames: visual tokens plus each frame's label and <img>/</img> delimiters
+    assert row["window_frames"] == 2
+    assert row["window_tokens"] == row["carried_tokens"] > 2 * row["stats"]["tokens_per_frame"]
+    assert f"window 2 fr ({row['window_tokens']} tok)" in run(*args).stdout

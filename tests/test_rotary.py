@@ -41,15 +41,19 @@ ROPES = {
 # LongRoPE states its trained context in max_position_embeddings, its switch point apart.
 MAX_POSITIONS = {"longrope": 512}
 
-# Each shipped family's real position scheme (presets/*.yaml, from the checkpoints' configs),
-# with the trained context shrunk so the test video is about 4x it.
-REAL = {
-    "internvl": {"rope_type": "dynamic", "factor": 2.0},
-    "smolvlm": {"rope_type": "default"},
-    "llava_onevision": {"rope_type": "default"},
-    "qwen2_5_vl": {"rope_type": "default"},
-    "qwen3_vl": {"rope_type": "default"},
-}
+# Each shipped family's real position scheme, as its preset records the checkpoint's config
+# (presets/*.yaml `rope`), with the trained context shrunk so the test video is about 4x it.
+# M-RoPE's `mrope_section` stays the tiny model's: it must match the tiny head size.
+PRESETS = {"internvl": "internvl3-1b", "smolvlm": "smolvlm2-256m",
+           "llava_onevision": "llava-onevision-0.5b", "qwen2_5_vl": "qwen2.5-vl-3b",
+           "qwen3_vl": "qwen3-vl-2b"}
+
+
+def _real_rope(family: str) -> dict:
+    from statekv.presets import load_preset
+
+    rope = load_preset(PRESETS[family]).rope
+    return {k: v for k, v in rope.items() if k != "mrope_section"}
 FRAMES = {"qwen2_5_vl": 88, "qwen3_vl": 128}  # frame sizes the tiny Qwen processors expect
 
 
@@ -136,10 +140,10 @@ def test_chunked_prefill_rotates_like_one_forward(variant, rope):
         assert (logits - expected).abs().max().item() < 1e-4, (rope, method)
 
 
-@pytest.mark.parametrize("name", sorted(REAL))
+@pytest.mark.parametrize("name", sorted(PRESETS))
 def test_each_family_real_scheme_rotates_like_one_forward(variant, checkpoints, name):
     frames = _frames(name, 16)
-    path, model = variant(name, REAL[name], _max_positions(name, checkpoints(name), frames))
+    path, model = variant(name, _real_rope(name), _max_positions(name, checkpoints(name), frames))
     inputs = _inputs(name, path, frames)
     session = model.prefill_frames(frames, method="full")
     expected = _reference_logits(path, inputs, session.state.rotary_length)
