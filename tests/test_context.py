@@ -130,3 +130,20 @@ def test_compare_shows_the_window_in_frames_and_tokens(clip, tiny_internvl_dir):
     assert row["window_frames"] == 2
     assert row["window_tokens"] == row["carried_tokens"] > 2 * row["stats"]["tokens_per_frame"]
     assert f"window 2 fr ({row['window_tokens']} tok)" in run(*args).stdout
+
+
+def test_summarize_warns_in_each_record_and_once_on_stderr(long_clip, short_dir, tmp_path):
+    import shutil
+
+    folder = tmp_path / "videos"
+    folder.mkdir()
+    for name in ("a.mp4", "b.mp4"):
+        shutil.copy(long_clip, folder / name)
+    out = tmp_path / "out.jsonl"
+    result = runner.invoke(app, ["summarize", str(folder), "--model", short_dir, "--out", str(out),
+                                 *OPTIONS])
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in out.read_text().splitlines() if line.strip()]
+    assert len(records) == 2
+    assert all(any("trained context" in w for w in r["warnings"]) for r in records)
+    assert len([line for line in result.stderr.splitlines() if "trained context" in line]) == 1
