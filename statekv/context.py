@@ -66,6 +66,20 @@ class Context:
                 f"answers may silently degrade; {advice}")
 
 
+def context_of(trained: int | None, layout: list[int], frames: int,
+               tokens_for: Callable[[int], int]) -> Context:
+    """A planned video (`layout`: prefix then each of its `frames` frames) against the trained
+    context; the frames that fit are searched (`tokens_for(n)`: n frames' plan) only when over."""
+    planned = sum(layout)
+    if trained is None:
+        fit = None
+    elif planned + ANSWER_ROOM <= trained:
+        fit = frames
+    else:
+        fit = frames_that_fit(frames, tokens_for, trained)
+    return Context(trained, planned, ANSWER_ROOM, fit)
+
+
 def check_question(prefix_tokens: int, question_tokens: int, trained: int | None) -> None:
     """Refuse a question that cannot fit in the trained context even without any video."""
     if trained is not None and prefix_tokens + question_tokens >= trained:

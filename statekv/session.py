@@ -18,7 +18,7 @@ import torch
 
 from statekv import accounting, video
 from statekv.answer import Answer, answer_question, question_logits
-from statekv.context import Context, check_question, frames_that_fit, trained_positions
+from statekv.context import Context, check_question, context_of, frames_that_fit, trained_positions
 from statekv.errors import UsageError
 from statekv.loading import load_weights, resolve_checkpoint, resolve_device, resolve_dtype
 from statekv.models import adapter_for
@@ -219,6 +219,8 @@ class Model:
         def tokens_for(frames: int) -> int:
             return sum(self.layout(shape_of(frames), system_prompt) or [0]) if frames else 0
 
+        if isinstance(max_frames, str) and max_frames != "fit":
+            raise UsageError(f"max_frames takes a number or 'fit', got {max_frames!r}")
         if max_frames == "fit":
             max_frames = self.frames_that_fit(len(shape_of(max(1, info.frame_count)).timestamps),
                                               tokens_for)
@@ -294,14 +296,10 @@ class Model:
 
     def _context(self, shape: _VideoShape, layout: list[int] | None,
                  tokens_for: Callable[[int], int]) -> Context | None:
-        """The video against the trained context; the fit is searched only when it is over."""
+        """The video against the trained context (None when the layout is unknown)."""
         if layout is None:
             return None
-        trained, planned = self.trained_positions, sum(layout)
-        over = trained is not None and planned + accounting.ANSWER_ROOM > trained
-        fit = frames_that_fit(shape.frames, tokens_for, trained) if over else (
-            None if trained is None else shape.frames)
-        return Context(trained, planned, accounting.ANSWER_ROOM, fit)
+        return context_of(self.trained_positions, layout, shape.frames, tokens_for)
 
     def _chunk_frames(self, chunk_frames: int | None) -> int:
         unit = self.adapter.frames_per_unit

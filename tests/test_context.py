@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import write_video
 from typer.testing import CliRunner
 
 import statekv
@@ -12,8 +13,6 @@ from statekv.accounting import ANSWER_ROOM
 from statekv.errors import UsageError
 from statekv.testing.rope import with_rope
 from statekv_cli.app import app
-
-from conftest import write_video
 
 runner = CliRunner()
 TRAINED = 750  # the tiny InternVL's 48-frame clip takes about 1,130 tokens with its prompt
@@ -52,7 +51,7 @@ def test_info_states_the_trained_context_and_the_frames_that_fit(long_clip, shor
     assert json.loads(result.stdout)["stats"]["detailed_tokens"] == context["planned_tokens"]
     # frames that fit: the most frames whose own plan fits with the answer room
     fit = context["frames_that_fit"]
-    planned = lambda n: info(long_clip, short_dir, "--max-frames", n)["context"]["planned_tokens"]  # noqa: E731
+    planned = lambda n: info(long_clip, short_dir, "--max-frames", n)["context"]["planned_tokens"]
     assert 0 < fit < 48
     assert planned(fit) + ANSWER_ROOM <= TRAINED < planned(fit + 1) + ANSWER_ROOM
 

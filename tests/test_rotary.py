@@ -15,14 +15,13 @@ import contextlib
 
 import pytest
 import torch
+from conftest import FAMILIES, _tiny_frames
 
 import statekv
 import statekv.answer
 import statekv.prefill
 from statekv.rotary import fixed_rotary, length_dependent, rotary_modules
 from statekv.testing.rope import with_rope
-
-from conftest import FAMILIES, _tiny_frames
 
 QUESTION = "what happens in the video?"
 HALF = 8  # the tiny InternVL's head_dim / 2: LongRoPE's factor lists have one entry per pair

@@ -26,13 +26,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import torch  # noqa: E402
+import torch
 
-import statekv  # noqa: E402
-import statekv.answer  # noqa: E402
-import statekv.prefill  # noqa: E402
-from statekv.testing import build_tiny_internvl, tiny_video_frames  # noqa: E402
-from statekv.testing.rope import with_rope  # noqa: E402
+import statekv
+import statekv.answer
+import statekv.prefill
+from statekv.testing import build_tiny_internvl, tiny_video_frames
+from statekv.testing.rope import with_rope
 
 QUESTION = "what happens in the video?"
 ROPES = {

@@ -15,7 +15,7 @@ from typing import Any, Callable
 import torch
 
 from statekv import accounting, video
-from statekv.context import Context, check_question, frames_that_fit, trained_positions
+from statekv.context import Context, check_question, context_of, frames_that_fit, trained_positions
 from statekv.units import format_bytes
 from statekv.errors import UsageError
 from statekv.policies import check_method, make_policy
@@ -156,14 +156,13 @@ def plan_run(path: str, options: RunOptions) -> RunPlan:
     def tokens_for(frames: int) -> int:
         return sum(layout_of(plan_of(frames)).tokens) if frames else 0
 
-    fit_mode = resolved.max_frames == "fit"
-    if fit_mode:
+    if resolved.max_frames == "fit":
         resolved.max_frames = _fit(len(plan_of(max(1, probe.frame_count)).indices), tokens_for,
                                    layout_of(plan_of(1)).trained_positions, resolved.preset)
     plan = plan_of(resolved.max_frames)
     device = resolve_device(options.device)
     layout = layout_of(plan)
-    context = _context(layout, len(plan.indices), tokens_for)
+    context = context_of(layout.trained_positions, layout.tokens, len(plan.indices), tokens_for)
     chunks = accounting.chunk_sizes(layout.tokens, resolved.chunk_frames or layout.frames_per_unit)
     flops = {}
     for method in ("full", "window", "statekv"):
@@ -190,14 +189,6 @@ def _fit(frames: int, tokens_for: Callable[[int], int], trained: int | None, pre
         raise UsageError(f"--max-frames fit: not even one frame fits in the model's trained "
                          f"context of {trained} positions with the answer room")
     return fit
-
-
-def _context(layout: "Layout", frames: int, tokens_for: Callable[[int], int]) -> Context:
-    trained, planned = layout.trained_positions, sum(layout.tokens)
-    over = trained is not None and planned + accounting.ANSWER_ROOM > trained
-    fit = frames_that_fit(frames, tokens_for, trained) if over else (
-        None if trained is None else frames)
-    return Context(trained, planned, accounting.ANSWER_ROOM, fit)
 
 
 def refuse_unfit_questions(run: RunPlan, questions: list[str]) -> None:
