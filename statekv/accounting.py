@@ -105,8 +105,8 @@ def policy_chunk_flops(shape: LMShape, chunk_tokens: list[int], policy: Any,
 
 def carried_before(policy: Any, seen: int, pinned: int) -> int:
     """Keys a chunk sees besides its own (pinned prefix + carried state) after `seen` tokens."""
-    history = seen - pinned
-    return pinned + (history if policy.capacity is None else min(policy.capacity, history))
+    first = policy.first_visible(seen)
+    return seen if first is None else pinned + seen - min(seen, max(pinned, first))
 
 
 def mass_pass(policy: Any, carried: int, pinned: int, tokens: int) -> bool:

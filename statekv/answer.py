@@ -13,6 +13,7 @@ import torch
 
 from statekv.models.base import ChunkInputs, VideoAdapter
 from statekv.prefill import PrefillResult, forward_chunk
+from statekv.rotary import fixed_rotary
 
 
 @dataclass
@@ -36,7 +37,7 @@ def question_logits(adapter: VideoAdapter, state: PrefillResult, question: str) 
     """Logits (question tokens, vocab) of the question text after the video; cache rewound."""
     chunk = adapter.text_chunk(state.prompt.question_text(question), state.cache.video_tokens)
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), fixed_rotary(adapter.language_model, state.rotary_length):
             return _logits(adapter, forward_chunk(adapter, state.cache, chunk)[0])
     finally:
         state.cache.rewind()
@@ -52,7 +53,7 @@ def answer_question(
     tokens: list[int] = []
     first: torch.Tensor | None = None
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), fixed_rotary(adapter.language_model, state.rotary_length):
             for _ in range(max_new_tokens):
                 hidden = forward_chunk(adapter, cache, chunk)
                 logits = _logits(adapter, hidden[0, -1])

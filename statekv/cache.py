@@ -101,8 +101,8 @@ class StateLayer(CacheLayerMixin):
     # carried state --------------------------------------------------------------------
     def _recent(self, start: int):
         """Keys for recency policies (and answering): views of the detailed cache."""
-        capacity = None if self.answering else self.policy.capacity
-        lo = self.pinned if capacity is None else max(self.pinned, start - capacity)
+        first = None if self.answering else self.policy.first_visible(start)
+        lo = self.pinned if first is None else min(start, max(self.pinned, first))
         if not self.answering:
             self.max_carried = max(self.max_carried, start - lo + self.pinned)
         if lo == self.pinned or self.pinned == 0:  # one contiguous run: a view, no copy

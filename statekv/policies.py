@@ -8,8 +8,9 @@ cache serve them as views of the detailed cache with no gathering at all.
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, ClassVar, Sequence
 
 from statekv.errors import UsageError
 
@@ -30,6 +31,11 @@ class Policy:
     def capacity(self) -> int | None:
         """Most entries carried per layer and KV head; None means unbounded."""
         return None
+
+    def first_visible(self, seen: int) -> int | None:
+        """For a chunk after `seen` tokens: the first token a contiguous recent tail starting
+        there would keep (None: everything). Selecting policies keep as many, not those."""
+        return None if self.capacity is None else seen - self.capacity
 
     def scores(self, mass: torch.Tensor | None, positions: torch.Tensor) -> torch.Tensor:
         """Higher is kept first; by default the most recent entries win."""
@@ -66,18 +72,46 @@ class Full(Policy):
 
 @dataclass(frozen=True)
 class Window(Policy):
-    """Carry the most recent `tokens` entries: the recency baseline (ReKV-style, the paper's "ReKV")."""
+    """Carry the most recent `tokens` entries: the recency baseline (ReKV-style, the paper's "ReKV").
+
+    Built with `Window.of_frames`, it carries exactly the last `frames` whole frames (labels and
+    delimiters included) before each chunk, whatever each frame's token count; `tokens` is then
+    the most any `frames` consecutive frames hold.
+    """
 
     name: ClassVar[str] = "window"
     tokens: int = 4096
+    frames: int | None = None
+    # Token offsets: the prefix's end (= the first frame's start), then each frame's end.
+    frame_bounds: tuple[int, ...] = field(default=(), repr=False)
 
     def __post_init__(self) -> None:
         if self.tokens < 1:
             raise UsageError(f"window must be at least 1 token, got {self.tokens}")
 
+    @classmethod
+    def of_frames(cls, frames: int, layout: Sequence[int]) -> "Window":
+        """The last `frames` whole frames, from the token counts of the prefix then each frame."""
+        if frames < 1:
+            raise UsageError(f"--window-frames must be at least 1, got {frames}")
+        bounds = [int(layout[0])]
+        for count in layout[1:]:
+            bounds.append(bounds[-1] + int(count))
+        spans = [bounds[i + frames] - bounds[i] for i in range(len(bounds) - frames)]
+        tokens = max(spans, default=bounds[-1])  # fewer frames than the window: all of them
+        return cls(tokens=max(1, tokens), frames=frames, frame_bounds=tuple(bounds))
+
     @property
     def capacity(self) -> int:
         return self.tokens
+
+    def first_visible(self, seen: int) -> int:
+        if not self.frame_bounds:
+            return seen - self.tokens
+        whole = bisect_right(self.frame_bounds, seen) - 1  # frames that ended by `seen`
+        if whole < self.frames:
+            return 0  # fewer whole frames than the window so far: everything is visible
+        return self.frame_bounds[whole - self.frames]
 
 
 @dataclass(frozen=True)
@@ -155,11 +189,15 @@ def check_method(method: str, allowed: tuple[str, ...] = METHODS, option: str = 
 
 
 def make_policy(
-    method: str, *, budget: int | None = None, window_tokens: int | None = None, seed: int = 0
+    method: str, *, budget: int | None = None, window_tokens: int | None = None, seed: int = 0,
+    window_frames: int | None = None, layout: Sequence[int] | None = None,
 ) -> Policy:
-    """The policy for a method name; budget and window are in tokens."""
+    """The policy for a method name; budget and window are in tokens, or the window in whole
+    frames when `layout` (token counts of the prefix, then of each frame) is known."""
     cls = POLICIES.get(check_method(method, tuple(POLICIES)))
     if cls is Window:
+        if window_frames is not None and layout:
+            return Window.of_frames(int(window_frames), layout)
         if window_tokens is None:
             raise UsageError("method 'window' needs a window size (--window-frames)")
         return Window(tokens=int(window_tokens))

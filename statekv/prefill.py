@@ -20,6 +20,7 @@ from statekv.attention import ATTENTION_NAME
 from statekv.cache import StateCache
 from statekv.models.base import ChunkInputs, PromptPieces, VideoAdapter
 from statekv.policies import Policy
+from statekv.rotary import fixed_rotary
 
 # transformers builds no mask when handed a prepared mapping; our attention applies causality.
 NO_MASK = {"full_attention": None, "sliding_attention": None}
@@ -65,6 +66,9 @@ class PrefillResult:
     vision_flops: int = 0
     seconds: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    # Rotary frequencies are fixed for this length (largest position + 1 of prefix, frames and
+    # the answer room) for the prefill and every answer: one base per video (rotary.py).
+    rotary_length: int = 0
 
 
 def forward_chunk(adapter: VideoAdapter, cache: StateCache, chunk: ChunkInputs) -> torch.Tensor:
@@ -170,9 +174,10 @@ def prefill_chunks(
     reserve = adapter.start(frame_count, timestamps, prompt, frame_size=frame_size,
                             duration=duration)
     loop = _Loop(adapter, policy, frame_count, reserve, attention, on_event, memory)
-    loop.result = PrefillResult(cache=loop.cache, prompt=prompt)
+    loop.result = PrefillResult(cache=loop.cache, prompt=prompt,
+                                rotary_length=adapter.rotary_length(reserve + ANSWER_ROOM))
     loop.cache.observe(on_carried)
-    with torch.inference_mode():
+    with torch.inference_mode(), fixed_rotary(adapter.language_model, loop.result.rotary_length):
         pinning = pin_prefix or policy.pins_prefix
         if pinning:
             loop.cache.begin_prefix()  # a prefix to be pinned is attended to, never selected

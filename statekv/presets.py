@@ -62,6 +62,10 @@ class Preset:
     system_prompt: str | None = None
     summary_prompt: str = "Describe what happens in this video in a few sentences."
     notes: str = ""
+    # The checkpoint's language-model positions, as its config.json states them: the trained
+    # context (max_position_embeddings) and the rope settings (rope_scaling / rope_parameters).
+    trained_positions: int | None = None
+    rope: dict | None = None
     source: str = field(default="", compare=False)  # where it was loaded from
 
     @property
@@ -101,7 +105,7 @@ _TYPES: dict[str, Any] = {
     "dtype": str, "max_frames": int, "fps": (int, float, type(None)), "method": str,
     "budget": int, "window_frames": int, "chunk_frames": (int, type(None)),
     "max_new_tokens": int, "system_prompt": (str, type(None)), "summary_prompt": str,
-    "notes": str,
+    "notes": str, "trained_positions": (int, type(None)), "rope": (dict, type(None)),
 }
 
 

@@ -18,6 +18,7 @@ import torch
 
 from statekv import accounting, video
 from statekv.answer import Answer, answer_question, question_logits
+from statekv.context import Context, check_question, context_of, frames_that_fit, trained_positions
 from statekv.errors import UsageError
 from statekv.loading import load_weights, resolve_checkpoint, resolve_device, resolve_dtype
 from statekv.models import adapter_for
@@ -88,19 +89,36 @@ class Session:
     """One prefilled video: answer any number of questions from its detailed cache."""
 
     def __init__(self, model: "Model", state: PrefillResult, settings: Settings,
-                 memory: accounting.PeakMemory, tokens_per_frame: int) -> None:
+                 memory: accounting.PeakMemory, tokens_per_frame: int,
+                 context: Context | None = None) -> None:
         self.model = model
         self.state = state
         self.settings = settings
         self.memory = memory
         self.warnings: list[str] = list(state.warnings)
+        self.context = context  # the video against the model's trained context
         self._answer_seconds = 0.0
         self._tokens_per_frame = tokens_per_frame
+
+    def check_questions(self, questions: Sequence[str], max_new_tokens: int) -> None:
+        """Refuse a question that cannot fit in the trained context at all (UsageError); warn
+        once, in `warnings`, when the video and a question (with its answer) pass it."""
+        if self.context is None:
+            return
+        adapter, trained = self.model.adapter, self.context.trained_positions
+        lengths = [len(adapter.tokenize(self.state.prompt.question_text(q))) for q in questions]
+        for length in lengths:
+            check_question(self.state.chunk_tokens[0], length, trained)
+        longest = max(lengths, default=0) + max_new_tokens
+        warned = any("trained context" in w for w in self.warnings)
+        if self.context.over(longest) and not warned:
+            self.warnings.append(self.context.warning(longest))
 
     def ask(self, questions: str | Sequence[str], max_new_tokens: int | None = None) -> list[Answer]:
         """Greedy answers to each question, all over the same prefilled video."""
         questions = [questions] if isinstance(questions, str) else list(questions)
         limit = max_new_tokens or self.settings.max_new_tokens
+        self.check_questions(questions, limit)
         answers = []
         with self.memory:
             started = time.perf_counter()
@@ -112,6 +130,7 @@ class Session:
 
     def question_logits(self, question: str) -> torch.Tensor:
         """Logits (question tokens, vocab) after the video, e.g. to compare methods."""
+        self.check_questions([question], 0)
         return question_logits(self.model.adapter, self.state, question)
 
     @property
@@ -172,7 +191,7 @@ class Model:
         *,
         budget: int | None = None,
         window_frames: int | None = None,
-        max_frames: int = DEFAULTS.max_frames,
+        max_frames: int | str = DEFAULTS.max_frames,
         fps: float | None = DEFAULTS.fps,
         start: float | None = None,
         end: float | None = None,
@@ -191,23 +210,57 @@ class Model:
         including one defined outside statekv. budget: statekv's carried tokens per layer
         and KV head (default 4096). window_frames: how many whole recent frames `window`
         keeps (default 16). Sampling: at most `max_frames` frames and `fps` frames per
-        second (the command line's defaults), between `start` and `end` seconds.
+        second (the command line's defaults), between `start` and `end` seconds;
+        `max_frames="fit"` samples as many as fit in the model's trained context.
         """
         info = video.probe(path)
-        plan = video.plan_frames(info, max_frames, fps=fps, start=start, end=end,
-                                 timestamps=video.frame_timestamps(path))
-        count = len(plan.indices)
-        size = self.adapter.decode_size(info.height, info.width, frames=count)
-        chunk_frames = self._chunk_frames(chunk_frames)
-        chunks = video.iter_chunks(path, plan, chunk_frames, size=size, backend=backend)
-        frame_size = _hw(size, info)
+        timestamps = video.frame_timestamps(path)
         watched = min(end or info.duration_seconds, info.duration_seconds) - (start or 0.0)
-        shape = _VideoShape(count, tuple(plan.timestamps), frame_size, watched,
-                            self.adapter.tokens_per_frame(*frame_size, frames=count))
+
+        def shape_of(frames: int) -> _VideoShape:
+            plan = video.plan_frames(info, frames, fps=fps, start=start, end=end,
+                                     timestamps=timestamps)
+            return self._shape(info, plan, watched)
+
+        def tokens_for(frames: int) -> int:
+            return sum(self.layout(shape_of(frames), system_prompt) or [0]) if frames else 0
+
+        if isinstance(max_frames, str) and max_frames != "fit":
+            raise UsageError(f"max_frames takes a number or 'fit', got {max_frames!r}")
+        if max_frames == "fit":
+            max_frames = self.frames_that_fit(len(shape_of(max(1, info.frame_count)).timestamps),
+                                              tokens_for)
+        plan = video.plan_frames(info, max_frames, fps=fps, start=start, end=end,
+                                 timestamps=timestamps)
+        shape = self._shape(info, plan, watched)
+        chunk_frames = self._chunk_frames(chunk_frames)
+        size = self.adapter.decode_size(info.height, info.width, frames=shape.frames)
+        chunks = video.iter_chunks(path, plan, chunk_frames, size=size, backend=backend)
         sampling = dict(max_frames=max_frames, fps=fps, start=start, end=end)
         return self._run(chunks, shape, sampling, _Run(
             method, budget, window_frames, chunk_frames, system_prompt, pin_prefix, attention,
-            max_new_tokens, seed, on_event))
+            max_new_tokens, seed, on_event), tokens_for)
+
+    def _shape(self, info: Any, plan: Any, watched: float | None) -> _VideoShape:
+        count = len(plan.indices)
+        frame_size = _hw(self.adapter.decode_size(info.height, info.width, frames=count), info)
+        return _VideoShape(count, tuple(plan.timestamps), frame_size, watched,
+                           self.adapter.tokens_per_frame(*frame_size, frames=count))
+
+    @property
+    def trained_positions(self) -> int | None:
+        """Positions the language model was trained for (None when its config states none)."""
+        return trained_positions(self.adapter.text_config)
+
+    def frames_that_fit(self, frames: int, tokens_for: Callable[[int], int]) -> int:
+        """`max_frames="fit"`: the most of `frames` frames that fit with the answer room."""
+        fit = frames_that_fit(frames, tokens_for, self.trained_positions)
+        if fit is None:
+            return frames  # the config states no trained context: nothing to fit into
+        if fit == 0:
+            raise UsageError(f"not even one frame fits in the model's trained context of "
+                             f"{self.trained_positions} positions with the answer room")
+        return fit
 
     def prefill_frames(
         self,
@@ -237,9 +290,22 @@ class Model:
         shape = _VideoShape(len(frames), timestamps, frame_size, None,
                             self.adapter.tokens_per_frame(*frame_size, frames=len(frames)))
         sampling = dict(max_frames=len(frames), fps=None, start=None, end=None)
+
+        def tokens_for(count: int) -> int:  # the first `count` frames, for the fit advice
+            part = _VideoShape(count, timestamps[:count], frame_size, None,
+                               self.adapter.tokens_per_frame(*frame_size, frames=count))
+            return sum(self.layout(part, system_prompt) or [0]) if count else 0
+
         return self._run(chunks, shape, sampling, _Run(
             method, budget, window_frames, chunk_frames, system_prompt, pin_prefix, attention,
-            max_new_tokens, seed, on_event))
+            max_new_tokens, seed, on_event), tokens_for)
+
+    def _context(self, shape: _VideoShape, layout: list[int] | None,
+                 tokens_for: Callable[[int], int]) -> Context | None:
+        """The video against the trained context (None when the layout is unknown)."""
+        if layout is None:
+            return None
+        return context_of(self.trained_positions, layout, shape.frames, tokens_for)
 
     def _chunk_frames(self, chunk_frames: int | None) -> int:
         unit = self.adapter.frames_per_unit
@@ -249,10 +315,18 @@ class Model:
                              f"{self.family} models, got {chunk_frames}")
         return chunk_frames
 
+    def layout(self, shape: _VideoShape, system_prompt: str | None) -> list[int] | None:
+        """Token counts of the prefix, then of each frame, as the adapter will lay them out."""
+        return self.adapter.layout_tokens(
+            shape.frames, shape.timestamps, self.adapter.prompt(system_prompt),
+            frame_size=shape.frame_size, duration=shape.duration)
+
     def _run(self, chunks: Iterable[Any], shape: _VideoShape, sampling: dict[str, Any],
-             run: _Run) -> Session:
+             run: _Run, tokens_for: Callable[[int], int]) -> Session:
+        layout = self.layout(shape, run.system_prompt)
+        context = self._context(shape, layout, tokens_for)
         policy, budget, window_frames = _policy(run.method, run.budget, run.window_frames,
-                                                shape.tokens_per_frame)
+                                                shape.tokens_per_frame, layout)
         _seed(run.seed)
         settings = Settings(
             model=self.name, model_revision=self.revision, family=self.family,
@@ -268,7 +342,7 @@ class Model:
                 duration=shape.duration, system_prompt=run.system_prompt,
                 pin_prefix=run.pin_prefix, attention=run.attention, on_event=run.on_event,
                 memory=memory)
-        session = Session(self, state, settings, memory, shape.tokens_per_frame)
+        session = Session(self, state, settings, memory, shape.tokens_per_frame, context)
         chunk_tokens = max(state.chunk_tokens[1:], default=0)
         if policy.budget is not None and policy.budget < chunk_tokens:
             session.warnings.append(
@@ -294,10 +368,14 @@ class _Run:
 
 
 def _policy(method: str | Policy, budget: int | None, window_frames: int | None,
-            tokens_per_frame: int) -> tuple[Policy, int | None, int | None]:
-    """The policy object, and the budget and window (frames) to record in `settings`."""
+            tokens_per_frame: int, layout: list[int] | None = None
+            ) -> tuple[Policy, int | None, int | None]:
+    """The policy object, and the budget and window (frames) to record in `settings`.
+
+    `window` keeps the last N whole frames from the adapter's real per-frame token counts
+    (`layout`: prefix, then each frame); N x visual tokens only when the layout is unknown."""
     if isinstance(method, Policy):
-        return method, method.budget, None
+        return method, method.budget, getattr(method, "frames", None)
     if not isinstance(method, str):
         raise UsageError(f"method must be a method name or a Policy, got {type(method).__name__}")
     check_method(method, BENCHMARK_METHODS)
@@ -306,7 +384,8 @@ def _policy(method: str | Policy, budget: int | None, window_frames: int | None,
     if window_frames is not None and window_frames < 1:
         raise UsageError(f"--window-frames must be at least 1, got {window_frames}")
     window_tokens = None if window_frames is None else window_frames * tokens_per_frame
-    policy = make_policy(method, budget=budget, window_tokens=window_tokens)
+    policy = make_policy(method, budget=budget, window_tokens=window_tokens,
+                         window_frames=window_frames, layout=layout)
     return policy, budget, window_frames
 
 

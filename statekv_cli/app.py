@@ -137,8 +137,19 @@ def compare(
         emit_json(record)
         return
     out.print(_compare_table(record))
+    _print_warnings(record.get("warnings", []), quiet)
     for row in record["methods"]:
         _print_warnings([f"{row['method']}: {w}" for w in row["warnings"]], quiet)
+
+
+def _context_rows(context: dict | None) -> list[tuple[str, str]]:
+    if not context:
+        return []
+    trained = context["trained_positions"]
+    fit = context["frames_that_fit"]
+    return [("trained context", "not stated" if trained is None else f"{trained} positions"),
+            ("planned tokens", f"{context['planned_tokens']} + {context['answer_room']} answer room"),
+            ("frames that fit", "unknown" if fit is None else str(fit))]
 
 
 def _compare_table(record: dict) -> Table:
@@ -147,7 +158,10 @@ def _compare_table(record: dict) -> Table:
                    "prefill s", "peak mem", "carried", "detailed"):
         table.add_column(column, overflow="fold")
     for row in record["methods"]:
-        setting = {"statekv": f" B={row['budget']}", "window": f" {row['window_frames']} fr"}
+        window = f" {row['window_frames']} fr"
+        if row.get("window_tokens") is not None:
+            window += f" ({row['window_tokens']} tok)"
+        setting = {"statekv": f" B={row['budget']}", "window": window}
         table.add_row(row["method"] + setting.get(row["method"], ""), row["answer"],
                       "yes" if row["agrees_with_full"] else "no",
                       f"{row['first_token_kl_vs_full']:.4f}", format_flops(row["lm_prefill_flops"]),
@@ -189,6 +203,7 @@ def info(
         ("detailed cache", format_bytes(predicted["detailed_cache_bytes"])),
         ("weights", format_bytes(predicted["weights_bytes"])),
         ("peak memory (estimate)", format_bytes(predicted["peak_memory_bytes"])),
+        *_context_rows(record.get("context")),
     ]
     for key, value in rows:
         table.add_row(key, value)

@@ -48,6 +48,15 @@ def method_names() -> str:
     return ", ".join(METHODS)
 
 
+def _max_frames(value: str | None) -> int | str | None:
+    if value is None or value == "fit":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise typer.BadParameter(f"a number of frames or 'fit', got {value!r}") from None
+
+
 # name -> (annotation, typer.Option, default)
 RUN_OPTIONS: dict[str, tuple[Any, Any, Any]] = {
     "preset": (str | None, typer.Option(
@@ -66,9 +75,10 @@ RUN_OPTIONS: dict[str, tuple[Any, Any, Any]] = {
     "window_frames": (int | None, typer.Option(
         "--window-frames", help="window: how many recent frames a chunk sees. "
         f"Default: {_preset_default('window_frames')}."), None),
-    "max_frames": (int | None, typer.Option(
-        "--max-frames", help="Sample at most this many frames, uniformly. "
-        f"Default: {_preset_default('max_frames')}."), None),
+    "max_frames": (str | None, typer.Option(
+        "--max-frames", parser=_max_frames, metavar="N|fit",
+        help="Sample at most this many frames, uniformly; 'fit': as many as fit in the model's "
+        f"trained context. Default: {_preset_default('max_frames')}."), None),
     "fps": (float | None, typer.Option(
         "--fps", help="Sample at most this many frames per second. "
         f"Default: {_preset_default('fps')}."), None),

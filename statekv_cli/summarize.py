@@ -82,10 +82,20 @@ def _batch_display(total: int, live: bool, quiet: bool) -> Iterator[tuple[Any, A
     """(on_video, on_event): an overall bar over videos with the current prefill inside it,
     or, off a terminal, one line per finished video on stderr."""
     counter = {"n": 0}
+    said: set[str] = set()
+
+    def context_warning(path: str, record: dict | None, console: Any) -> None:
+        # Once per batch: each video's record holds its own (its --max-frames that fits).
+        for warning in (record or {}).get("warnings") or []:
+            if "trained context" in warning and "context" not in said:
+                said.add("context")
+                console.print(f"warning: {path}: {warning} (each record's warnings say which "
+                              f"videos pass it)", markup=False)
 
     def line(kind: str, path: str, record: dict | None) -> None:
         if kind == "start":
             return
+        context_warning(path, record, err)
         counter["n"] += 1
         if kind == "skip":
             status = "skipped (already done)"
@@ -120,6 +130,7 @@ def _batch_display(total: int, live: bool, quiet: bool) -> Iterator[tuple[Any, A
                 progress.update(overall, detail=path)
                 return
             progress.advance(overall)
+            context_warning(path, record, progress.console)
             if kind == "done" and record["status"] != "ok":
                 progress.console.print(f"error: {path}: {record['error']['message']}",
                                        markup=False)

@@ -154,9 +154,32 @@ def test_carried_keys_keep_their_original_rotation(family, reference_run, commit
     torch.testing.assert_close(ours, ref_keys[:, : ours.shape[1]], rtol=1e-5, atol=1e-5)
 
 
-def test_window_carries_the_most_recent_frames(family):
+def test_window_carries_exactly_the_last_whole_frames(family, monkeypatch):
+    # --window-frames N: before each chunk, the last N whole frames with their labels and
+    # delimiters, from the tokens the chunks really held; FLOPs are counted for that window.
+    from statekv import accounting
+
+    visible = []
+    original = StateLayer._recent
+
+    def spy(self, start):
+        keys, values = original(self, start)
+        if self.index == 0 and not self.answering:
+            visible.append(keys.shape[2] - (self.seen - start))  # keys before the chunk
+        return keys, values
+
+    monkeypatch.setattr(StateLayer, "_recent", spy)
     session = family.model.prefill_frames(family.frames, method="window", window_frames=2)
-    assert session.stats.carried_tokens == 2 * session.stats.tokens_per_frame
+    chunks = session.state.chunk_tokens  # prefix, then one chunk per unit of frames
+    per_window = 2 // family.model.adapter.frames_per_unit  # chunks the 2 frames fill
+    for index, seen in enumerate(visible[1:], start=1):
+        done = chunks[1:index]
+        assert seen == (sum(chunks[:index]) if len(done) < per_window else sum(done[-per_window:]))
+    assert session.stats.carried_tokens == max(visible)
+    shape = accounting.LMShape.from_model(family.model.adapter.language_model,
+                                          family.model.adapter.text_config)
+    predicted = accounting.policy_chunk_flops(shape, chunks, session.state.cache.policy)
+    assert session.stats.lm_prefill_flops == sum(predicted)
 
 
 def test_isolated_sees_only_the_prefix(family, fed_ids):

@@ -11,7 +11,8 @@ from typing import Any, Callable
 import torch
 
 from statekv import accounting
-from statekv.commands.plan import RunOptions, load_model, plan_run, preflight, prefill_video
+from statekv.commands.plan import (RunOptions, load_model, plan_run, preflight, prefill_video,
+                                   refuse_unfit_questions)
 from statekv.errors import UsageError
 from statekv.policies import check_method
 from statekv.prefill import PrefillEvent
@@ -25,6 +26,7 @@ def ask(path: str, questions: list[str], options: RunOptions, model: Model | Non
         raise UsageError("give at least one question (or --questions FILE)")
     run = plan_run(path, options)  # a bad file or option fails before the model loads
     resolved = run.resolved
+    refuse_unfit_questions(run, questions)
     if model is None:
         preflight(run, options.force)
         model, _ = load_model(options, resolved)
@@ -53,6 +55,7 @@ def compare(path: str, question: str, methods: list[str], options: RunOptions,
         check_method(method, option="--methods")
     run = plan_run(path, options)  # a bad file or option fails before the model loads
     resolved = run.resolved
+    refuse_unfit_questions(run, [question])
     if model is None:
         preflight(run, options.force)
         model, _ = load_model(options, resolved)
@@ -66,13 +69,27 @@ def compare(path: str, question: str, methods: list[str], options: RunOptions,
     rows = [_compare_row(method, *results[method], full_answer) for method in methods]
     settings = results[methods[0]][0].settings.to_dict()
     shared = {k: v for k, v in settings.items() if k not in ("method", "budget", "window_frames")}
-    return {"path": path, "question": question, "settings": shared, "methods": rows}
+    return {"path": path, "question": question, "settings": shared, "methods": rows,
+            "warnings": _shared_warnings(rows)}
+
+
+def _shared_warnings(rows: list[dict[str, Any]]) -> list[str]:
+    """Warnings every method gave (the trained context: same frames, same question) are said
+    once for the record, not once per method."""
+    shared = [w for w in rows[0]["warnings"] if all(w in row["warnings"] for row in rows)] \
+        if rows else []
+    for row in rows:
+        row["warnings"] = [w for w in row["warnings"] if w not in shared]
+    return shared
 
 
 def _compare_row(method, session, answer, full_answer) -> dict[str, Any]:
     stats = session.stats.to_dict()
+    policy = session.state.cache.policy
     return {"method": method, "budget": session.settings.budget,
-            "window_frames": session.settings.window_frames, "answer": answer.answer,
+            "window_frames": session.settings.window_frames,
+            "window_tokens": policy.capacity if method == "window" else None,
+            "answer": answer.answer,
             "agrees_with_full": answer.answer == full_answer.answer,
             "first_token_kl_vs_full": kl_divergence(full_answer.first_token_logprobs,
                                                     answer.first_token_logprobs),
@@ -90,6 +107,7 @@ def info(path: str, options: RunOptions) -> dict[str, Any]:
             "frame_timestamps": list(run.frames.timestamps),
             "tokens_per_frame": run.layout.tokens_per_frame,
             "model": run.resolved.model, "preset": run.resolved.preset.name,
+            "context": run.context.to_dict() if run.context else None,
             "predicted": {"methods": {m: {"lm_prefill_flops": f} for m, f in run.flops.items()},
                           "detailed_cache_bytes": run.memory.detailed_cache_bytes,
                           "weights_bytes": run.memory.weights_bytes,

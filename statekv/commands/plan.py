@@ -15,6 +15,7 @@ from typing import Any, Callable
 import torch
 
 from statekv import accounting, video
+from statekv.context import Context, check_question, context_of, frames_that_fit, trained_positions
 from statekv.units import format_bytes
 from statekv.errors import UsageError
 from statekv.policies import check_method, make_policy
@@ -32,7 +33,7 @@ class RunOptions:
     method: str | None = None
     budget: int | None = None
     window_frames: int | None = None
-    max_frames: int | None = None
+    max_frames: int | str | None = None  # or "fit": as many as fit in the trained context
     fps: float | None = None
     start: float | None = None
     end: float | None = None
@@ -49,9 +50,11 @@ class RunOptions:
 
     def validate(self) -> None:
         """Reject bad values before any work (budget, window, frames >= 1)."""
+        if isinstance(self.max_frames, str) and self.max_frames != "fit":
+            raise UsageError(f"--max-frames takes a number or 'fit', got {self.max_frames!r}")
         for name in ("budget", "window_frames", "max_frames", "chunk_frames", "max_new_tokens"):
             value = getattr(self, name)
-            if value is not None and value < 1:
+            if value is not None and not isinstance(value, str) and value < 1:
                 flag = "--" + name.replace("_", "-")
                 raise UsageError(f"{flag} must be at least 1, got {value}")
         if self.fps is not None and not (self.fps > 0 and math.isfinite(self.fps)):
@@ -75,7 +78,7 @@ class Resolved:
     method: str
     budget: int
     window_frames: int
-    max_frames: int
+    max_frames: int | str  # "fit" until plan_run knows the video and the model's context
     fps: float | None
     chunk_frames: int | None
     max_new_tokens: int
@@ -134,6 +137,7 @@ class RunPlan:
     flops: dict[str, int]
     memory: accounting.MemoryEstimate
     device: torch.device
+    context: Context | None = None
 
 
 def plan_run(path: str, options: RunOptions) -> RunPlan:
@@ -142,15 +146,29 @@ def plan_run(path: str, options: RunOptions) -> RunPlan:
 
     resolved = resolve(options)
     probe = video.probe(path)
-    plan = video.plan_frames(probe, resolved.max_frames, fps=resolved.fps, start=options.start,
-                             end=options.end, timestamps=video.frame_timestamps(path))
+    timestamps = video.frame_timestamps(path)
+    layout_of = _layout_maker(resolved, options, probe)
+
+    def plan_of(frames: int) -> video.FramePlan:
+        return video.plan_frames(probe, frames, fps=resolved.fps, start=options.start,
+                                 end=options.end, timestamps=timestamps)
+
+    def tokens_for(frames: int) -> int:
+        return sum(layout_of(plan_of(frames)).tokens) if frames else 0
+
+    if resolved.max_frames == "fit":
+        resolved.max_frames = _fit(len(plan_of(max(1, probe.frame_count)).indices), tokens_for,
+                                   layout_of(plan_of(1)).trained_positions, resolved.preset)
+    plan = plan_of(resolved.max_frames)
     device = resolve_device(options.device)
-    layout = _layout(resolved, options, probe, plan)
+    layout = layout_of(plan)
+    context = context_of(layout.trained_positions, layout.tokens, len(plan.indices), tokens_for)
     chunks = accounting.chunk_sizes(layout.tokens, resolved.chunk_frames or layout.frames_per_unit)
     flops = {}
     for method in ("full", "window", "statekv"):
         policy = make_policy(method, budget=resolved.budget,
-                             window_tokens=resolved.window_frames * layout.tokens_per_frame)
+                             window_tokens=resolved.window_frames * layout.tokens_per_frame,
+                             window_frames=resolved.window_frames, layout=layout.tokens)
         flops[method] = accounting.predict_lm_flops(layout.shape, chunks, policy, options.pin_prefix)
     total = sum(chunks)
     statekv = resolved.method == "statekv"
@@ -158,7 +176,31 @@ def plan_run(path: str, options: RunOptions) -> RunPlan:
         layout.shape, layout.parameters, _element_size(resolved.dtype, device), total,
         max(chunks[1:], default=0), min(resolved.budget, total) if statekv else 0,
         layout.hidden, layout.intermediate, mass=statekv)
-    return RunPlan(probe, plan, resolved, layout, chunks, flops, memory, device)
+    return RunPlan(probe, plan, resolved, layout, chunks, flops, memory, device, context)
+
+
+def _fit(frames: int, tokens_for: Callable[[int], int], trained: int | None, preset: Preset) -> int:
+    """`--max-frames fit`: the most frames that fit with the answer room (the preset's
+    --max-frames when the checkpoint states no trained context)."""
+    fit = frames_that_fit(frames, tokens_for, trained)
+    if fit is None:
+        return min(frames, preset.max_frames)
+    if fit == 0:
+        raise UsageError(f"--max-frames fit: not even one frame fits in the model's trained "
+                         f"context of {trained} positions with the answer room")
+    return fit
+
+
+def refuse_unfit_questions(run: RunPlan, questions: list[str]) -> None:
+    """Before any weights load: refuse a question that cannot fit in the trained context at
+    all (known when the checkpoint's processor is at hand; else the session checks it)."""
+    adapter = run.layout.adapter
+    if adapter is None or run.context is None:
+        return
+    prompt = adapter.prompt(run.resolved.preset.system_prompt)
+    for question in questions:
+        check_question(run.layout.tokens[0], len(adapter.tokenize(prompt.question_text(question))),
+                       run.context.trained_positions)
 
 
 def preflight(plan: RunPlan, force: bool) -> None:
@@ -188,6 +230,8 @@ class Layout:
     tokens_per_frame: int
     frames_per_unit: int = 1
     exact: bool = False
+    trained_positions: int | None = None  # the language model's trained context
+    adapter: Any = None  # the weightless adapter that laid the tokens out (exact layouts)
 
 
 def _element_size(dtype: str, device: torch.device) -> int:
@@ -196,19 +240,26 @@ def _element_size(dtype: str, device: torch.device) -> int:
     return torch.empty((), dtype=resolve_dtype(dtype, device)).element_size()
 
 
-def _layout(resolved: Resolved, options: RunOptions, probe, plan) -> Layout:
-    """Exact token layout from the checkpoint's processor when it is at hand, else the preset's."""
+def _layout_maker(resolved: Resolved, options: RunOptions, probe) -> Callable[[Any], Layout]:
+    """Plan -> token layout: exact from the checkpoint's processor when it is at hand (one
+    weightless adapter for every plan asked about), else the preset's estimate."""
     checkpoint = _local_checkpoint(resolved.model)
-    if checkpoint is not None:
-        exact = _exact_layout(checkpoint, resolved, probe, plan, options)
-        if exact is not None:
-            return exact
+    meta = _meta_adapter(checkpoint, options) if checkpoint is not None else None
+    watched = min(options.end or probe.duration_seconds, probe.duration_seconds) - (options.start or 0.0)
     arch = resolved.preset.architecture
-    shape = accounting.LMShape.from_config(_ArchConfig(arch))
-    # Without the processor: the preset's visual tokens plus a few for each frame's label.
-    tokens = [32] + [arch.tokens_per_frame + 8] * len(plan.indices)
-    return Layout(tokens, shape, resolved.preset.parameters, arch.hidden, arch.intermediate,
-                  arch.tokens_per_frame)
+
+    def estimate(plan) -> Layout:
+        shape = accounting.LMShape.from_config(_ArchConfig(arch))
+        # Without the processor: the preset's visual tokens plus a few for each frame's label.
+        tokens = [32] + [arch.tokens_per_frame + 8] * len(plan.indices)
+        return Layout(tokens, shape, resolved.preset.parameters, arch.hidden, arch.intermediate,
+                      arch.tokens_per_frame, trained_positions=resolved.preset.trained_positions)
+
+    def layout_of(plan) -> Layout:
+        exact = None if meta is None else _exact_layout(meta, resolved, probe, plan, watched)
+        return exact if exact is not None else estimate(plan)
+
+    return layout_of
 
 
 def _local_checkpoint(model: str) -> str | None:
@@ -231,8 +282,8 @@ def _local_checkpoint(model: str) -> str | None:
             os.environ["HF_HUB_OFFLINE"] = previous
 
 
-def _exact_layout(checkpoint: str, resolved: Resolved, probe, plan, options: RunOptions):
-    """Build the adapter on a weightless (meta) model and ask it for the token layout."""
+def _meta_adapter(checkpoint: str, options: RunOptions) -> Any:
+    """The family adapter on a weightless (meta) model: token layouts without any weights."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from statekv.loading import read_config
@@ -242,19 +293,24 @@ def _exact_layout(checkpoint: str, resolved: Resolved, probe, plan, options: Run
     processor = AutoProcessor.from_pretrained(checkpoint, trust_remote_code=options.trust_remote_code)
     with torch.device("meta"):
         meta = AutoModelForImageTextToText.from_config(config)
-    adapter = adapter_for(config.model_type)(meta, processor)
+    return adapter_for(config.model_type)(meta, processor)
+
+
+def _exact_layout(adapter: Any, resolved: Resolved, probe, plan, watched: float | None
+                  ) -> Layout | None:
+    """Ask the weightless adapter for the token layout of `plan`."""
     prompt = adapter.prompt(resolved.preset.system_prompt)
+    hw = _decoded_hw(adapter, probe, plan)
     tokens = adapter.layout_tokens(len(plan.indices), tuple(plan.timestamps), prompt,
-                                   frame_size=_decoded_hw(adapter, probe, plan))
+                                   frame_size=hw, duration=watched)
     if tokens is None:
         return None
     text = adapter.text_config
     return Layout(tokens, accounting.LMShape.from_model(adapter.language_model, text),
-                  sum(p.numel() for p in meta.parameters()), text.hidden_size,
-                  text.intermediate_size, adapter.tokens_per_frame(*_decoded_hw(adapter, probe, plan),
-                                          frames=len(plan.indices)),
-                  adapter.frames_per_unit,
-                  exact=True)
+                  sum(p.numel() for p in adapter.model.parameters()), text.hidden_size,
+                  text.intermediate_size, adapter.tokens_per_frame(*hw, frames=len(plan.indices)),
+                  adapter.frames_per_unit, exact=True,
+                  trained_positions=trained_positions(text), adapter=adapter)
 
 
 def _decoded_hw(adapter, probe, plan) -> tuple[int, int]:

@@ -132,6 +132,11 @@ class VideoAdapter(ABC):
         seconds (SmolVLM names it in its intro sentence).
         """
 
+    def rotary_length(self, tokens: int) -> int:
+        """Largest position + 1 of a sequence of `tokens` tokens (this video's prefix and frames
+        first): what a length-dependent rotary embedding sees. 1-D positions: `tokens`."""
+        return tokens
+
     def tokenize(self, text: str) -> list[int]:
         """Token ids of `text` as the prompt uses it (no special tokens added)."""
         return self.tokenizer.encode(text, add_special_tokens=False)
@@ -142,8 +147,8 @@ class VideoAdapter(ABC):
         return None
 
     def layout_tokens(self, frame_count: int, timestamps: tuple[float, ...],
-                      prompt: PromptPieces, frame_size: tuple[int, int] | None = None
-                      ) -> list[int] | None:
+                      prompt: PromptPieces, frame_size: tuple[int, int] | None = None,
+                      duration: float | None = None) -> list[int] | None:
         """Token counts of the prefix, then of each frame, without pixels (None if unknown).
 
         Lets `statekv info` predict FLOPs exactly without loading weights or decoding frames.

@@ -46,7 +46,7 @@ class InternVLAdapter(VideoAdapter):
         self._prompt = prompt
         return sum(self.layout_tokens(frame_count, timestamps, prompt))
 
-    def layout_tokens(self, frame_count, timestamps, prompt, frame_size=None) -> list[int]:
+    def layout_tokens(self, frame_count, timestamps, prompt, frame_size=None, duration=None) -> list[int]:
         return [len(self.tokenize(prompt.prefix))] + [
             len(self.frame_token_ids(i)) for i in range(frame_count)]
 

@@ -53,6 +53,15 @@ class LlavaOnevisionAdapter(VideoAdapter):
         newline = 1 if frame_count else 0
         return len(self.tokenize(prompt.prefix)) + frame_count * self.tokens_per_frame() + newline
 
+    def layout_tokens(self, frame_count, timestamps, prompt, frame_size=None, duration=None
+                      ) -> list[int]:
+        """Prefix, then each frame's pooled tokens; the last frame closes the video with the
+        image_newline."""
+        frames = [self.tokens_per_frame()] * frame_count
+        if frames:
+            frames[-1] += 1
+        return [len(self.tokenize(prompt.prefix))] + frames
+
     # chunks ----------------------------------------------------------------------------
     def prefix_chunk(self) -> ChunkInputs:
         return self.token_chunk(self.tokenize(self._prompt.prefix), 0)

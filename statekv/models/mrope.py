@@ -127,7 +127,15 @@ class MRopeVideoAdapter(VideoAdapter):
         self._layout = self._plan(*self._size_hint)
         return len(self._layout.ids)
 
-    def layout_tokens(self, frame_count, timestamps, prompt, frame_size=None) -> list[int] | None:
+    def rotary_length(self, tokens: int) -> int:
+        """M-RoPE positions grow slower than tokens over the video (a patch shares its temporal
+        position); text after it advances one position per token on every axis."""
+        layout = self._layout
+        if layout is None or tokens < len(layout.ids):
+            return tokens  # an upper bound: positions never run ahead of token indices
+        return int(layout.positions.max()) + 1 + tokens - len(layout.ids)
+
+    def layout_tokens(self, frame_count, timestamps, prompt, frame_size=None, duration=None) -> list[int] | None:
         """Prefix, then each frame's share of its temporal patch (a patch's tokens split over
         its two frames), from the frame size alone: no pixels, no weights."""
         if frame_size is None:

@@ -77,6 +77,11 @@ class SmolVLMAdapter(VideoAdapter):
             self._prefix_ids, self._first_frame_ids = whole[:cut], whole[cut:]
         return len(self._prefix_ids) + sum(len(self.frame_token_ids(i)) for i in range(frame_count))
 
+    def layout_tokens(self, frame_count, timestamps, prompt, frame_size=None, duration=None
+                      ) -> list[int]:
+        self.start(frame_count, timestamps, prompt, duration=duration)  # start() plans it anyway
+        return [len(self._prefix_ids)] + [len(self.frame_token_ids(i)) for i in range(frame_count)]
+
     def _intro(self, frame_count: int, duration: float | None) -> str:
         from num2words import num2words  # the processor needs it too
 

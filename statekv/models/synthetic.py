@@ -79,7 +79,7 @@ class SyntheticAdapter(VideoAdapter):
     def start(self, frame_count, timestamps, prompt, frame_size=None, duration=None) -> int:
         return self.prefix_tokens + frame_count * self._tokens_per_frame
 
-    def layout_tokens(self, frame_count, timestamps, prompt, frame_size=None) -> list[int]:
+    def layout_tokens(self, frame_count, timestamps, prompt, frame_size=None, duration=None) -> list[int]:
         return [self.prefix_tokens] + [self._tokens_per_frame] * frame_count
 
     def prefix_chunk(self) -> ChunkInputs:
