@@ -374,3 +374,13 @@ def test_limit_and_mlvu_end_to_end(tmp_path, model_dir):
     report = json.loads(result.stdout)
     assert report["benchmark"] == "mlvu" and report["questions"] == 2
     assert set(report["methods"]["full"]["by_duration"]) == {"5-10 min"}
+
+
+def test_videomme_finds_videos_wherever_the_archives_unpacked(tmp_path):
+    root = make_videomme(tmp_path / "v")
+    (root / "unpacked" / "deep").mkdir(parents=True)
+    os.rename(root / "data" / "vid002.mp4", root / "unpacked" / "deep" / "vid002.mp4")
+    os.remove(root / "data" / "vid003.mp4")
+    by_video = {q.video_id: q.video for q in bench.read_videomme(str(root))}
+    assert by_video["vid002"] == str(root / "unpacked" / "deep" / "vid002.mp4")
+    assert by_video["vid003"] == str(root / "data" / "vid003.mp4")  # missing: an error record later

@@ -127,6 +127,7 @@ def read_videomme(data: str) -> list[Question]:
             raise InputError(f"{table}: missing column {', '.join(missing)}")
     folders = [os.path.normpath(os.path.join(data, d)) for d in VIDEOMME_VIDEO_DIRS]
     folders = [d for d in folders if os.path.isdir(d)]
+    found: dict[str, str] | None = None  # every video below `data`, built only if needed
     questions = []
     for row in rows:
         qid = str(row["question_id"])
@@ -148,8 +149,12 @@ def read_videomme(data: str) -> list[Question]:
             raise InputError(f"{table}: question {qid} answer {answer!r} is not among its "
                              f"options {', '.join(letters)}")
         video_id = str(row["videoID"])
+        path = _video_path(folders, video_id, data, found)
+        if not os.path.isfile(path) and found is None:
+            found = _video_index(data)  # once, only when a video is not where expected
+            path = _video_path(folders, video_id, data, found)
         questions.append(Question(
-            "videomme", qid, video_id, _video_path(folders, video_id, data), str(row["question"]),
+            "videomme", qid, video_id, path, str(row["question"]),
             tuple(texts), answer, str(row["duration"]), str(row["task_type"]),
             str(row["domain"]), {"sub_category": str(row["sub_category"])}))
     return questions
@@ -174,14 +179,29 @@ def _read_parquet(path: str) -> list[dict[str, Any]]:
         raise InputError(f"cannot read {path}: {exc}") from None
 
 
-def _video_path(folders: list[str], video_id: str, data: str) -> str:
+def _video_path(folders: list[str], video_id: str, data: str,
+                index: dict[str, str] | None = None) -> str:
     for folder in folders:
         for suffix in VIDEO_SUFFIXES:
             candidate = os.path.join(folder, video_id + suffix)
             if os.path.isfile(candidate):
                 return candidate
+    if index and video_id in index:  # wherever the archives unpacked it below `data`
+        return index[video_id]
     # not there: the question still runs and its records say which file is missing
     return os.path.join(folders[0] if folders else data, video_id + ".mp4")
+
+
+def _video_index(data: str) -> dict[str, str]:
+    """Video files anywhere below `data`, by name without extension (first found wins)."""
+    index: dict[str, str] = {}
+    for folder, dirs, files in os.walk(data):
+        dirs.sort()
+        for name in sorted(files):
+            stem, suffix = os.path.splitext(name)
+            if suffix in VIDEO_SUFFIXES:
+                index.setdefault(stem, os.path.join(folder, name))
+    return index
 
 
 def read_mlvu(data: str) -> list[Question]:
