@@ -384,3 +384,34 @@ def test_videomme_finds_videos_wherever_the_archives_unpacked(tmp_path):
     by_video = {q.video_id: q.video for q in bench.read_videomme(str(root))}
     assert by_video["vid002"] == str(root / "unpacked" / "deep" / "vid002.mp4")
     assert by_video["vid003"] == str(root / "data" / "vid003.mp4")  # missing: an error record later
+
+
+def test_mlvu_finds_videos_in_another_folder_name(tmp_path):
+    root = make_mlvu(tmp_path / "m")
+    os.rename(root / "MLVU" / "video", root / "MLVU" / "video_25fps")
+    q = bench.read_mlvu(str(root))[2]
+    assert q.video == str(root / "MLVU" / "video_25fps" / "4_count" / "count_7.mp4")
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def test_ray_backend_same_answers_as_local(videomme_run, videomme, model_dir, local_ray, tmp_path):
+    _, local_out = videomme_run
+    out = tmp_path / "ray.jsonl"
+    result = runner.invoke(app, ["eval", "--benchmark", "videomme", "--data", str(videomme),
+                                 "--model", model_dir, "--out", str(out), "--ray", "-q",
+                                 "--methods", "full,statekv", *FAST])
+    assert result.exit_code == 1, result.output  # the broken video, as locally
+
+    def answers(path):
+        return {(r["question_id"], r["method"]): (r["status"], r["prediction"], r["frames_digest"],
+                                                  r["lm_prefill_flops"], r["settings_hash"])
+                for r in lines(path) if r["method"] in ("full", "statekv")}
+
+    assert answers(out) == answers(local_out)

@@ -217,6 +217,7 @@ def read_mlvu(data: str) -> list[Question]:
     if not files:
         raise InputError(f"{json_dir} holds no task files (e.g. 1_plotQA.json)")
     questions = []
+    found: dict[str, str] | None = None  # every video below `root`, built only if needed
     for path in files:
         task = os.path.splitext(os.path.basename(path))[0]
         try:
@@ -243,15 +244,20 @@ def read_mlvu(data: str) -> list[Question]:
             except (TypeError, ValueError):
                 duration = str(item["duration"])
             kind = str(item["question_type"])
+            where = os.path.join(folder, video)
+            if not os.path.isfile(where):
+                found = _video_index(root) if found is None else found
+                where = found.get(os.path.splitext(video)[0], where)
             questions.append(Question(
-                "mlvu", qid, os.path.splitext(video)[0], os.path.join(folder, video),
+                "mlvu", qid, os.path.splitext(video)[0], where,
                 str(item["question"]), tuple(candidates),
                 LETTERS[candidates.index(answer)], duration, kind, kind, {"task_file": task}))
     return questions
 
 
 def _mlvu_video_dir(root: str, task: str) -> str:
-    """video/<n>_<task>, or video/<task> as some copies name it."""
+    """video/<n>_<task>, or video/<task> as some copies name it (else the video is looked
+    for anywhere below the root)."""
     for name in (task, task.split("_", 1)[-1]):
         folder = os.path.join(root, "video", name)
         if os.path.isdir(folder):
