@@ -415,3 +415,17 @@ def test_ray_backend_same_answers_as_local(videomme_run, videomme, model_dir, lo
                 for r in lines(path) if r["method"] in ("full", "statekv")}
 
     assert answers(out) == answers(local_out)
+
+
+def test_memory_preflight_refuses_before_loading(videomme, model_dir, tmp_path, monkeypatch):
+    from statekv import accounting
+    from statekv.commands import plan as planning
+
+    monkeypatch.setattr(accounting, "available_memory", lambda device: 1)
+    monkeypatch.setattr(planning, "load_model", lambda *a, **k: pytest.fail("model loaded"))
+    out = tmp_path / "r.jsonl"
+    args = ["eval", "--benchmark", "videomme", "--data", str(videomme), "--model", model_dir,
+            "--out", str(out), *FAST]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 5 and "--force" in result.output
+    assert not out.exists() or not lines(out)

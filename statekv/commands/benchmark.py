@@ -412,9 +412,14 @@ class _Tally:
                                           dict(self.full)))
 
 
+PREFLIGHT_CANDIDATES = 8  # the largest files probed to find the longest video
+
+
 def _preflight(videos: list[str], options: Any, methods: list[str]) -> None:
     """Check memory on the longest readable video before the model loads (`--force` skips).
 
+    Probing a long video takes about a second, so only the largest files are probed (size
+    follows length closely, and past `--max-frames` any longer video costs the same).
     statekv's prefill needs the most (its attention-mass buffers), so it decides when it runs.
     """
     from statekv import video as video_io
@@ -422,8 +427,15 @@ def _preflight(videos: list[str], options: Any, methods: list[str]) -> None:
 
     if options.force:
         return
+
+    def size(path: str) -> int:
+        try:
+            return os.stat(path).st_size
+        except OSError:
+            return -1
+
     longest, seconds = None, -1.0
-    for path in videos:
+    for path in sorted(videos, key=size, reverse=True)[:PREFLIGHT_CANDIDATES]:
         try:
             duration = video_io.probe(path).duration_seconds
         except (StateKVError, OSError):
