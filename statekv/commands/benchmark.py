@@ -111,7 +111,7 @@ def read_benchmark(name: str, data: str) -> list[Question]:
     return read_videomme(data) if name == "videomme" else read_mlvu(data)
 
 
-_LETTERED = re.compile(r"^\s*\(?([A-Z])[.)]\s*(.*)$", re.S)
+_LETTERED = re.compile(r"^\s*\(?([A-Z])[.)]\s*(.*)$", re.DOTALL)
 
 
 def read_videomme(data: str) -> list[Question]:
@@ -639,7 +639,7 @@ def _run_ray(jobs, options, plans, emit, address) -> int:
                 submit(actor)
             while inflight:
                 ready, _ = ray.wait(list(inflight), num_returns=1)
-                actor, path, items = inflight.pop(ready[0])
+                actor, _path, items = inflight.pop(ready[0])
                 try:
                     batches = ray.get(ready[0])
                 except ray.exceptions.RayError as exc:  # the worker died (killed, OOM)
@@ -780,7 +780,7 @@ def _paper(settings: dict[str, Any], benchmark: str, method: str) -> float | Non
 
 
 def _paper_settings(settings: dict[str, Any], method: str) -> bool:
-    wanted = dict(max_frames=PAPER_SETTINGS["max_frames"], fps=PAPER_SETTINGS["fps"])
+    wanted = {"max_frames": PAPER_SETTINGS["max_frames"], "fps": PAPER_SETTINGS["fps"]}
     if method == "statekv":
         wanted["budget"] = PAPER_SETTINGS["budget"]
     if method == "window":
