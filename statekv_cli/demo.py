@@ -3,20 +3,19 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.table import Table
 
 from statekv_cli.options import (
-    Attention, Budget, ChunkFrames, Debug, Device, Dtype, Force, Fps, Json, MaxFrames, ModelOpt,
-    PinPrefix, Preset, Quiet, Seed, TrustRemoteCode, WindowFrames, emit_json, err, handle_errors,
-    out,
+    Debug, Device, Json, PinPrefix, Quiet, Seed, emit_json, err, handle_errors, method_names, out,
+    run_options_from_cli,
 )
-from statekv_cli.progress import flops
+from statekv.units import format_flops as flops, format_fraction
 
 DemoMethod = Annotated[str, typer.Option(
-    "--method", help="full, window, statekv or isolated (the floor).")]
+    "--method", help=f"One of {method_names()} (isolated: the floor).")]
 DemoBudget = Annotated[int, typer.Option(
     "--budget", help="statekv: tokens carried per layer and KV head (a frame is about 11 tokens).")]
 DemoWindow = Annotated[int, typer.Option(
@@ -64,7 +63,7 @@ def demo(
     if not quiet:
         s = result.stats
         err.print(f"LM prefill {flops(s['lm_prefill_flops'])} "
-                  f"({s['lm_prefill_flops'] / max(1, s['full_lm_prefill_flops']):.0%} of full "
+                  f"({format_fraction(s['lm_flops_fraction'])} of full "
                   f"attention's), carried {s['carried_tokens']} / detailed {s['detailed_tokens']} "
                   f"tokens", markup=False)
 
@@ -80,6 +79,9 @@ def _ints(text: str, name: str) -> list[int]:
 
 
 @handle_errors
+@run_options_from_cli("preset", "model", "budget", "window_frames", "max_frames", "fps",
+                      "chunk_frames", "dtype", "attention", "pin_prefix", "trust_remote_code",
+                      "force")
 def eval_(
     lengths: Annotated[str, typer.Option(
         "--lengths", help="Video lengths in frames, comma-separated (the model was trained "
@@ -118,18 +120,14 @@ def eval_(
         "--ray", help="--benchmark: run on Ray, one model-holding actor per GPU (statekv[ray]).")] = False,
     ray_address: Annotated[str | None, typer.Option(
         "--ray-address", help="--benchmark: connect to this Ray cluster (implies --ray).")] = None,
-    preset: Preset = None, model: ModelOpt = None, budget: Budget = None,
-    window_frames: WindowFrames = None, max_frames: MaxFrames = None, fps: Fps = None,
-    chunk_frames: ChunkFrames = None, max_new_tokens: Annotated[int | None, typer.Option(
+    max_new_tokens: Annotated[int | None, typer.Option(
         "--max-new-tokens", help="--benchmark: tokens of generated text kept in each record "
         "(the letter is read from the first). Default: 8.")] = None,
-    dtype: Dtype = None, attention: Attention = "sdpa", pin_prefix: PinPrefix = False,
-    trust_remote_code: TrustRemoteCode = False, force: Force = False,
     seed: Seed = 0, device: Annotated[str | None, typer.Option(
         "--device", help="auto, cpu, cuda, cuda:N or mps. Default: cpu for the demo, auto "
         "with --benchmark.")] = None,
     json_output: Json = False, quiet: Quiet = False,
-    debug: Debug = False,
+    debug: Debug = False, options: Any = None,
 ) -> None:
     """Benchmark prefill methods against full attention on held-out synthetic videos, or
     (with --benchmark) on Video-MME or MLVU as downloaded.
@@ -150,14 +148,8 @@ def eval_(
         return
     if benchmark:
         from statekv_cli import benchmark as rendering
-        from statekv_cli.options import run_options
 
-        options = run_options(
-            preset=preset, model=model, budget=budget, window_frames=window_frames,
-            max_frames=max_frames, fps=fps, chunk_frames=chunk_frames,
-            max_new_tokens=max_new_tokens, device=device or "auto", dtype=dtype, seed=seed,
-            pin_prefix=pin_prefix, attention=attention, trust_remote_code=trust_remote_code,
-            force=force)
+        options.max_new_tokens, options.device, options.seed = max_new_tokens, device or "auto", seed
         rendering.run(benchmark, data, out_path, methods, limit, shard_spec, redo, use_ray,
                       ray_address, options, json_output, quiet)
         return

@@ -20,7 +20,7 @@ from statekv.session import Model, Session
 
 def ask(path: str, questions: list[str], options: RunOptions, model: Model | None = None,
         on_event: Callable[[PrefillEvent], None] | None = None) -> dict[str, Any]:
-    """`statekv ask`: one prefill, every answer; the CONTRACTS.md record."""
+    """`statekv ask`: one prefill, every answer; the record of docs/formats.md."""
     if not questions:
         raise UsageError("give at least one question (or --questions FILE)")
     run = plan_run(path, options)  # a bad file or option fails before the model loads

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from statekv.errors import InputError, StateKVError, UsageError
+from statekv.units import fraction
 
 BENCHMARKS = ("videomme", "mlvu")
 DEFAULT_METHODS = ("full", "window", "statekv")
@@ -559,8 +560,7 @@ def answer_record(session: Any, q: Question, method: str, settings: dict[str, An
         letter_logprobs={k: round(v, 4) for k, v in scores.items()}, frames=stats.frames,
         frames_digest=_digest(stats.frame_timestamps), lm_prefill_flops=stats.lm_prefill_flops,
         full_lm_prefill_flops=stats.full_lm_prefill_flops,
-        flops_share=(stats.lm_prefill_flops / stats.full_lm_prefill_flops
-                     if stats.full_lm_prefill_flops else None),
+        flops_share=stats.lm_flops_fraction,
         seconds=prefill_share + seconds, prefill_seconds=prefill_seconds,
         answer_seconds=seconds, warnings=list(session.warnings))
     return record
@@ -753,7 +753,7 @@ def report(records: list[dict[str, Any]]) -> dict[str, Any]:
                           if by_task else None),
             "paper": paper, "paper_settings_match": _paper_settings(settings, method),
             "lm_prefill_flops": lm, "full_lm_prefill_flops": full_lm,
-            "flops_share": lm / full_lm if full_lm else None,
+            "flops_share": fraction(lm, full_lm),
             "seconds": sum(r["seconds"] or 0 for r in ok),
             "budget": settings.get("budget"), "window_frames": settings.get("window_frames"),
         }
