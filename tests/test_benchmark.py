@@ -429,3 +429,22 @@ def test_memory_preflight_refuses_before_loading(videomme, model_dir, tmp_path, 
     result = runner.invoke(app, args)
     assert result.exit_code == 5 and "--force" in result.output
     assert not out.exists() or not lines(out)
+
+
+def _documented(name: str) -> set[str]:
+    import re
+
+    text = (Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md").read_text()
+    match = re.search(rf"^{re.escape(name)}: \{{(.*)\}}$", text, re.MULTILINE)
+    assert match, name
+    return {field.strip() for field in match.group(1).split(",")}
+
+
+def test_records_and_report_have_exactly_the_documented_fields(videomme_run):
+    _, out = videomme_run
+    for record in lines(out):
+        assert set(record) - {"sub_category"} == _documented("result")
+    report = bench.report(bench.load_results(str(out)))
+    assert set(report) == _documented("report")
+    for m in report["methods"].values():
+        assert set(m) == _documented("report.methods[]")
