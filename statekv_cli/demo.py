@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.table import Table
 
 from statekv_cli.options import (
     Debug, Device, Json, PinPrefix, Quiet, Seed, emit_json, err, handle_errors, method_names, out,
+    run_options_from_cli,
 )
 from statekv.units import format_flops as flops, format_fraction
 
@@ -78,6 +79,9 @@ def _ints(text: str, name: str) -> list[int]:
 
 
 @handle_errors
+@run_options_from_cli("preset", "model", "budget", "window_frames", "max_frames", "fps",
+                      "chunk_frames", "dtype", "attention", "pin_prefix", "trust_remote_code",
+                      "force")
 def eval_(
     lengths: Annotated[str, typer.Option(
         "--lengths", help="Video lengths in frames, comma-separated (the model was trained "
@@ -86,29 +90,76 @@ def eval_(
         "--budgets", help="Carried tokens for window, statekv and random, comma-separated "
         "(window gets the same number of tokens; a frame is about 11).")] = "32,64,128",
     videos: Annotated[int, typer.Option("--videos", help="Held-out test videos per length.")] = 16,
-    methods: Annotated[str, typer.Option(
-        "--methods", help="Among full, isolated, window, statekv, random (full always runs).")]
-        = "full,isolated,window,statekv,random",
+    methods: Annotated[str | None, typer.Option(
+        "--methods", help="Among full, isolated, window, statekv, random (full always runs). "
+        "Default: all five; with --benchmark full,window,statekv.")] = None,
     pin: Annotated[str, typer.Option("--pin", help="Pin the text prefix: off, on or both.")] = "both",
     csv_path: Annotated[str | None, typer.Option("--csv", help="Write the table as CSV here.")] = None,
     plot_path: Annotated[str | None, typer.Option(
         "--plot", help="Write a PNG plot here: accuracy against LM prefill FLOPs (matplotlib).")] = None,
-    seed: Seed = 0, device: Device = "cpu", json_output: Json = False, quiet: Quiet = False,
-    debug: Debug = False,
+    benchmark: Annotated[str | None, typer.Option(
+        "--benchmark", help="Run a downloaded benchmark instead of the demo: videomme or mlvu "
+        "(docs/benchmarks.md gives the layouts), with --data and --out.")] = None,
+    data: Annotated[str | None, typer.Option(
+        "--data", help="--benchmark: the benchmark's folder as downloaded (Video-MME: the "
+        "parquet and data/*.mp4; MLVU: json/ and video/).")] = None,
+    out_path: Annotated[str, typer.Option(
+        "--out", "-o", help="--benchmark: JSONL results, one line per (question, method), "
+        "appended and resumed.")] = "results.jsonl",
+    report_path: Annotated[str | None, typer.Option(
+        "--report", help="Print the report of a --benchmark results file (any time, even "
+        "mid-run) and exit.")] = None,
+    limit: Annotated[int | None, typer.Option(
+        "--limit", help="--benchmark: only the first N questions (in the benchmark's order).")] = None,
+    shard_spec: Annotated[str | None, typer.Option(
+        "--shard", help="--benchmark: K/N, only the videos at positions K-1, K-1+N, ... of "
+        "the sorted list (K from 1), e.g. one GPU job each.")] = None,
+    redo: Annotated[bool, typer.Option(
+        "--redo", help="--benchmark: redo questions already in --out with the same settings.")] = False,
+    use_ray: Annotated[bool, typer.Option(
+        "--ray", help="--benchmark: run on Ray, one model-holding actor per GPU (statekv[ray]).")] = False,
+    ray_address: Annotated[str | None, typer.Option(
+        "--ray-address", help="--benchmark: connect to this Ray cluster (implies --ray).")] = None,
+    max_new_tokens: Annotated[int | None, typer.Option(
+        "--max-new-tokens", help="--benchmark: tokens of generated text kept in each record "
+        "(the letter is read from the first). Default: 8.")] = None,
+    seed: Seed = 0, device: Annotated[str | None, typer.Option(
+        "--device", help="auto, cpu, cuda, cuda:N or mps. Default: cpu for the demo, auto "
+        "with --benchmark.")] = None,
+    json_output: Json = False, quiet: Quiet = False,
+    debug: Debug = False, options: Any = None,
 ) -> None:
-    """Benchmark prefill methods against full attention on held-out synthetic videos.
+    """Benchmark prefill methods against full attention on held-out synthetic videos, or
+    (with --benchmark) on Video-MME or MLVU as downloaded.
 
     Prints the isolated floor first: if isolated prefill (no frame sees another) scores close
     to full attention, the benchmark cannot tell methods apart, and it says so.
 
     Example: statekv eval --lengths 16,32 --budgets 32,64,128 --videos 32 --csv eval.csv --plot eval.png
+
+    Example: statekv eval --benchmark videomme --data Video-MME --preset internvl3-1b --max-frames 512 --fps 1 --out videomme.jsonl
+
+    Example: statekv eval --report videomme.jsonl
     """
+    if report_path:
+        from statekv_cli import benchmark as rendering
+
+        rendering.report(report_path, json_output)
+        return
+    if benchmark:
+        from statekv_cli import benchmark as rendering
+
+        options.max_new_tokens, options.device, options.seed = max_new_tokens, device or "auto", seed
+        rendering.run(benchmark, data, out_path, methods, limit, shard_spec, redo, use_ray,
+                      ray_address, options, json_output, quiet)
+        return
     from statekv.demo.evaluation import load_demo, plot_eval, run_eval, write_csv
 
+    methods = methods or "full,isolated,window,statekv,random"
     progress = None if quiet or json_output else (lambda msg: err.print(msg, markup=False))
     report = run_eval(_ints(lengths, "--lengths"), _ints(budgets, "--budgets"), videos, pin,
                       [m.strip() for m in methods.split(",") if m.strip()], seed,
-                      model=load_demo(device), on_progress=progress)
+                      model=load_demo(device or "cpu"), on_progress=progress)
     if csv_path:
         write_csv(report.rows, csv_path)
     if plot_path:

@@ -149,13 +149,19 @@ def requested_settings(resolved: Any, options: Any, prompt: str) -> dict[str, An
 
 
 # JSONL -------------------------------------------------------------------------------------
-def read_records(path: str) -> dict[str, dict[str, Any]]:
+def _path_key(record: dict[str, Any]) -> str | None:
+    return record["path"] if isinstance(record.get("path"), str) else None
+
+
+def read_records(path: str, key: Callable[[dict[str, Any]], Any] = _path_key
+                 ) -> dict[Any, dict[str, Any]]:
     """The last record for each video path in a JSONL file ({} when it does not exist).
 
     Lines that are not JSON objects with a `path` (a partial last line left by a killed
-    run, or any damaged line) are dropped.
+    run, or any damaged line) are dropped. `key` picks another identity (None drops the
+    line): `statekv eval --benchmark` keys its records by (question, method).
     """
-    records: dict[str, dict[str, Any]] = {}
+    records: dict[Any, dict[str, Any]] = {}
     try:
         with open(path, "rb") as file:
             data = file.read()
@@ -170,8 +176,11 @@ def read_records(path: str) -> dict[str, dict[str, Any]]:
             record = json.loads(line)
         except ValueError:
             continue
-        if isinstance(record, dict) and isinstance(record.get("path"), str):
-            records[record["path"]] = record
+        if not isinstance(record, dict):
+            continue
+        identity = key(record)
+        if identity is not None:
+            records[identity] = record
     return records
 
 
