@@ -54,6 +54,10 @@ class PrefillResult:
     vision_flops: int = 0
     seconds: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    # What the adapter was told before the first chunk (frame_count, timestamps, frame_size,
+    # duration): with `adapter_state`, what answering needs besides the cache (saved.py).
+    plan: dict[str, Any] = field(default_factory=dict)
+    adapter_state: dict[str, Any] = field(default_factory=dict)
 
 
 def forward_chunk(adapter: VideoAdapter, cache: StateCache, chunk: ChunkInputs) -> torch.Tensor:
@@ -159,7 +163,10 @@ def prefill_chunks(
     reserve = adapter.start(frame_count, timestamps, prompt, frame_size=frame_size,
                             duration=duration)
     loop = _Loop(adapter, policy, frame_count, reserve, attention, on_event, memory)
-    loop.result = PrefillResult(cache=loop.cache, prompt=prompt)
+    loop.result = PrefillResult(cache=loop.cache, prompt=prompt, plan={
+        "frame_count": frame_count, "timestamps": [float(t) for t in timestamps],
+        "frame_size": list(frame_size) if frame_size is not None else None,
+        "duration": duration})
     loop.cache.observe(on_carried)
     with torch.inference_mode():
         pinning = pin_prefix or policy.pins_prefix
@@ -173,6 +180,7 @@ def prefill_chunks(
             loop.result.frame_timestamps.extend(frame_chunk.timestamps)
             loop.run_chunk(loop.encode(frame_chunk.frames, frame_chunk.first))
     loop.cache.finish_prefill()
+    loop.result.adapter_state = adapter.answer_state()
     loop.result.seconds = loop.watch.seconds
     return loop.result
 
