@@ -162,6 +162,7 @@ def save(session: "Session", path: str) -> int:
         raise InputError(f"cannot write {path}: folder {folder} does not exist")
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder)
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # as an ordinary new file (mkstemp makes it 0600)
         with os.fdopen(fd, "wb") as handle:
             handle.write(struct.pack("<Q", len(head)))
             handle.write(head)
@@ -178,6 +179,12 @@ def save(session: "Session", path: str) -> int:
         raise
     _fsync_folder(folder)
     return target.stat().st_size
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _fsync_folder(folder: Path) -> None:

@@ -97,6 +97,7 @@ class Session:
         self.prefills = prefills  # 0 for a session opened from a prefill file
         self.source = source  # the prefill file it was opened from, if any
         self.video: dict[str, Any] | None = None  # the video's identity (saved.video_identity)
+        self.cache: str | None = None  # "hit" or "miss" when it came through a prefill cache
 
     def save(self, path: str) -> int:
         """Write this prefill to `path` (a .skv file, see docs/prefill-files.md), atomically;

@@ -13,6 +13,7 @@ from rich.table import Table
 
 from statekv_cli.options import (
     Attention,
+    CacheDir,
     Budget,
     ChunkFrames,
     Debug,
@@ -43,6 +44,8 @@ from statekv_cli.progress import flops, live_enabled, prefill_display, size
 from statekv_cli.bench import bench
 from statekv_cli.demo import demo, eval_
 from statekv_cli.summarize import summarize
+from statekv_cli.prefill import prefill
+from statekv_cli.cache import cache_app
 
 app = typer.Typer(
     name="statekv",
@@ -67,6 +70,8 @@ app.command("summarize")(summarize)
 app.command("bench")(bench)
 app.command("demo")(demo)
 app.command("eval")(eval_)
+app.command("prefill")(prefill)
+app.add_typer(cache_app, name="cache")
 
 
 def _print_warnings(warnings: list[str], quiet: bool) -> None:
@@ -76,6 +81,11 @@ def _print_warnings(warnings: list[str], quiet: bool) -> None:
 
 
 def _stats_line(stats: dict) -> str:
+    if stats["prefills"] == 0:
+        return (f"{stats['frames']} frames x {stats['tokens_per_frame']} tokens from a saved "
+                f"prefill: no decoding, vision or LM prefill | answers in "
+                f"{stats['answer_seconds']:.1f}s | detailed {stats['detailed_tokens']} tokens "
+                f"({size(stats['detailed_cache_bytes'])})")
     ratio = stats["lm_prefill_flops"] / max(1, stats["full_lm_prefill_flops"])
     return (f"{stats['frames']} frames x {stats['tokens_per_frame']} tokens | LM prefill "
             f"{flops(stats['lm_prefill_flops'])} ({ratio:.0%} of full attention's "
@@ -88,7 +98,9 @@ def _stats_line(stats: dict) -> str:
 @app.command()
 @handle_errors
 def ask(
-    video: Annotated[str, typer.Argument(help="The video file.", show_default=False)],
+    video: Annotated[str, typer.Argument(
+        help="The video file, or a prefill file (.skv) written by `statekv prefill`.",
+        show_default=False)],
     questions: Annotated[list[str] | None, typer.Argument(
         help="One or more questions (each answered from the same prefill).", show_default=False)] = None,
     questions_file: Annotated[str | None, typer.Option(
@@ -99,11 +111,14 @@ def ask(
     max_new_tokens: MaxNewTokens = None, device: Device = "auto", dtype: Dtype = None,
     seed: Seed = 0, json_output: Json = False, quiet: Quiet = False, debug: Debug = False,
     pin_prefix: PinPrefix = False, attention: Attention = "sdpa",
-    trust_remote_code: TrustRemoteCode = False, force: Force = False,
+    trust_remote_code: TrustRemoteCode = False, force: Force = False, cache: CacheDir = None,
 ) -> None:
     """Answer questions about a video: one prefill, then every question.
 
     Example: statekv ask movie.mp4 "who enters the room?" "what is on the table?" --max-frames 256
+
+    From a saved prefill (no video decoding, no vision tower, no prefill):
+    statekv ask movie.skv "who enters the room?"
     """
     from statekv.commands import ask as library, plan
 
@@ -112,7 +127,7 @@ def ask(
         max_frames=max_frames, fps=fps, start=start, end=end, chunk_frames=chunk_frames,
         max_new_tokens=max_new_tokens, device=device, dtype=dtype, seed=seed,
         pin_prefix=pin_prefix, attention=attention, trust_remote_code=trust_remote_code,
-        force=force)
+        force=force, cache=cache)
     all_questions = list(questions or []) + (plan.read_questions(questions_file) if questions_file else [])
     with prefill_display("prefill", live_enabled(quiet, json_output)) as on_event:
         record = library.ask(video, all_questions, options, on_event=on_event)
@@ -123,7 +138,17 @@ def ask(
             out.print(f"Q: {answer['question']}\nA: {answer['answer']}\n", markup=False)
         if not quiet:
             err.print(_stats_line(record["stats"]), markup=False)
+            _print_source(record)
     _print_warnings(record["warnings"], quiet or json_output)
+
+
+def _print_source(record: dict) -> None:
+    if record.get("cache") == "hit":
+        err.print(f"cache hit: answered from {record.get('source')} (no prefill)", markup=False)
+    elif record.get("cache") == "miss":
+        err.print("cache miss: prefilled and saved for next time", markup=False)
+    elif record.get("source"):
+        err.print(f"answered from {record['source']} (no prefill)", markup=False)
 
 
 @app.command()
@@ -140,7 +165,7 @@ def compare(
     max_new_tokens: MaxNewTokens = None, device: Device = "auto", dtype: Dtype = None,
     seed: Seed = 0, json_output: Json = False, quiet: Quiet = False, debug: Debug = False,
     pin_prefix: PinPrefix = False, attention: Attention = "sdpa",
-    trust_remote_code: TrustRemoteCode = False, force: Force = False,
+    trust_remote_code: TrustRemoteCode = False, force: Force = False, cache: CacheDir = None,
 ) -> None:
     """Run several methods on the same frames and compare answers, FLOPs, time and memory.
 
@@ -153,7 +178,7 @@ def compare(
         max_frames=max_frames, fps=fps, start=start, end=end, chunk_frames=chunk_frames,
         max_new_tokens=max_new_tokens, device=device, dtype=dtype, seed=seed,
         pin_prefix=pin_prefix, attention=attention, trust_remote_code=trust_remote_code,
-        force=force)
+        force=force, cache=cache)
     names = [m.strip() for m in methods.split(",") if m.strip()]
     live = live_enabled(quiet, json_output)
     displays: list[Any] = []
@@ -172,6 +197,9 @@ def compare(
         emit_json(record)
         return
     out.print(_compare_table(record))
+    for row in record["methods"]:
+        if row.get("cache") and not quiet:
+            err.print(f"{row['method']}: cache {row['cache']}", markup=False)
     for row in record["methods"]:
         _print_warnings([f"{row['method']}: {w}" for w in row["warnings"]], quiet)
 
@@ -229,6 +257,7 @@ def info(
         *[(f"LM prefill, {name}", flops(m["lm_prefill_flops"]))
           for name, m in predicted["methods"].items()],
         ("detailed cache", size(predicted["detailed_cache_bytes"])),
+        ("prefill file (statekv prefill)", size(predicted["prefill_file_bytes"])),
         ("weights", size(predicted["weights_bytes"])),
         ("peak memory (estimate)", size(predicted["peak_memory_bytes"])),
     ]

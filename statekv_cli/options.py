@@ -57,6 +57,11 @@ TrustRemoteCode = Annotated[bool, typer.Option(
 Force = Annotated[bool, typer.Option(
     "--force", help="Run even though the memory preflight says it will not fit.")]
 
+CacheDir = Annotated[str | None, typer.Option(
+    "--cache", help="Prefill cache folder: reuse a saved prefill of the same video with the "
+    "same settings, else prefill and save it (e.g. --cache ~/.cache/statekv; 'off' to disable). "
+    "Default: $STATEKV_CACHE, off when unset.")]
+
 
 def run_options(**kwargs: Any):
     from statekv.commands.plan import RunOptions

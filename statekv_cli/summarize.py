@@ -21,6 +21,7 @@ from rich.table import Table
 
 from statekv_cli.options import (
     Attention,
+    CacheDir,
     Budget,
     ChunkFrames,
     Debug,
@@ -76,7 +77,7 @@ def summarize(
     max_new_tokens: MaxNewTokens = None, device: Device = "auto", dtype: Dtype = None,
     seed: Seed = 0, quiet: Quiet = False, debug: Debug = False,
     pin_prefix: PinPrefix = False, attention: Attention = "sdpa",
-    trust_remote_code: TrustRemoteCode = False, force: Force = False,
+    trust_remote_code: TrustRemoteCode = False, force: Force = False, cache: CacheDir = None,
 ) -> None:
     """Summarise many videos: one prefill each, one JSON line per video, resumable.
 
@@ -92,7 +93,7 @@ def summarize(
         max_frames=max_frames, fps=fps, start=start, end=end, chunk_frames=chunk_frames,
         max_new_tokens=max_new_tokens, device=device, dtype=dtype, seed=seed,
         pin_prefix=pin_prefix, attention=attention, trust_remote_code=trust_remote_code,
-        force=force)
+        force=force, cache=cache)
     options.validate()
     videos = batch.find_videos(paths, glob)
     if shard_spec:
@@ -127,6 +128,8 @@ def _batch_display(total: int, live: bool, quiet: bool) -> Iterator[tuple[Any, A
             stats = record["stats"]
             ratio = stats["lm_prefill_flops"] / max(1, stats["full_lm_prefill_flops"])
             status = f"ok, LM prefill {flops(stats['lm_prefill_flops'])} ({ratio:.0%} of full)"
+            if record.get("cache"):
+                status += f", cache {record['cache']}"
         else:
             status = f"error: {record['error']['type']}: {record['error']['message']}"
         err.print(f"[{counter['n']}/{total}] {path}: {status}", markup=False)
