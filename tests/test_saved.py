@@ -365,7 +365,7 @@ def test_cache_list_json(clip, tiny_internvl_dir, tmp_path):
 # info predicts the file -------------------------------------------------------------------
 def test_info_predicts_the_file_size(skv, clip, tiny_internvl_dir):
     out, record = skv
-    args = [a for a in FAST if a not in ("--max-new-tokens", "4")]
+    args = ["--max-frames", "4", "--fps", "4", "--budget", "30", "--device", "cpu"]
     info = json.loads(run("info", clip, "--model", tiny_internvl_dir, "--json", *args).stdout)
     predicted = info["predicted"]
     assert predicted["detailed_cache_bytes"] == record["stats"]["detailed_cache_bytes"]
