@@ -128,24 +128,27 @@ WEIGHTS_SAMPLE_BYTES = 1 << 20  # read from the start and the end of each weight
 
 
 def weights_hash(checkpoint: str) -> str:
-    """A fingerprint of a checkpoint's weights without reading them all: blake2b over
-    config.json and, for each weights file (*.safetensors, *.bin) sorted by name, its name,
-    its size and its first and last MiB. A safetensors file starts with its tensor index
-    (names, dtypes, shapes, offsets), so the head covers the layout and the tail real data;
-    a retrained or requantised checkpoint changes them. Reads about 2 MiB per file."""
+    """A fingerprint of a checkpoint without reading all its weights: blake2b over, for each
+    file of the directory sorted by name, its name and size, and then either its content
+    (the config, tokenizer, processor and chat-template files: *.json, *.jinja, *.txt,
+    *.model, whole) or, for weights (*.safetensors, *.bin), its first and last MiB. A
+    safetensors file starts with its tensor index (names, dtypes, shapes, offsets), so the
+    head covers the layout and the tail real data: a retrained or converted checkpoint
+    changes them, and so does another tokenizer or template. Reads ~2 MiB per weights file."""
     import hashlib
 
     root = Path(checkpoint)
     digest = hashlib.blake2b(digest_size=16)
-    config = root / "config.json"
-    if config.is_file():
-        digest.update(config.read_bytes())
-    files = sorted(p for p in root.iterdir()
-                   if p.is_file() and p.suffix in (".safetensors", ".bin"))
-    for file in files:
+    for file in sorted(p for p in root.iterdir() if p.is_file()):
+        whole = file.suffix in (".json", ".jinja", ".txt", ".model")
+        if not whole and file.suffix not in (".safetensors", ".bin"):
+            continue
         size = file.stat().st_size
         digest.update(f"{file.name}\0{size}\0".encode())
         with open(file, "rb") as handle:
+            if whole:
+                digest.update(handle.read())
+                continue
             digest.update(handle.read(WEIGHTS_SAMPLE_BYTES))
             if size > 2 * WEIGHTS_SAMPLE_BYTES:
                 handle.seek(size - WEIGHTS_SAMPLE_BYTES)

@@ -203,7 +203,7 @@ def _fsync_folder(folder: Path) -> None:
 def header_bytes(layers: int, frames: int) -> int:
     """A generous estimate of a prefill file's header (8-byte length + JSON) for `layers`
     decoder layers and `frames` frames; `statekv info` adds it to the detailed cache's bytes."""
-    return 8 + 4096 + 250 * layers + 48 * frames
+    return 8 + 4096 + 400 * layers + 48 * frames
 
 
 # Reading --------------------------------------------------------------------------------
