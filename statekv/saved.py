@@ -115,6 +115,9 @@ def metadata(session: "Session") -> dict[str, Any]:
         "format": FORMAT, "format_version": FORMAT_VERSION,
         "statekv_version": statekv.__version__,
         "model": {"name": model.name, "revision": model.revision,
+                  # a local directory as an absolute path, so the file answers from anywhere
+                  "checkpoint": (str(Path(model.checkpoint).resolve())
+                                 if model.checkpoint and Path(model.name).is_dir() else None),
                   "weights_hash": model.weights_hash, "family": model.family,
                   "dtype": model.dtype},
         "settings": session.settings.to_dict(),

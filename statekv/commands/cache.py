@@ -149,12 +149,18 @@ def cached_prefill(model: Any, resolved: Any, options: Any, path: str, method: s
                 session.cache = "hit"
                 return session
         session = prefill()
-        size = session.save(str(entry))
-        now = time.time()
-        _write_json(folder / f"{key}.json", {
-            "key": key, "video": str(path), "video_identity": identity, "settings": settings,
-            "model": model.name, "bytes": size, "created": now, "last_used": now})
         session.cache = "miss"
+        try:
+            size = session.save(str(entry))
+            now = time.time()
+            _write_json(folder / f"{key}.json", {
+                "key": key, "video": str(path), "video_identity": identity,
+                "settings": settings, "model": model.name, "bytes": size, "created": now,
+                "last_used": now})
+        except OSError as exc:  # a full disk must not cost the answers
+            _remove(folder, key)
+            warnings.append(f"could not save the prefill to the cache {directory}: "
+                            f"{exc.strerror or exc}")
         session.warnings.extend(warnings)
         return session
 

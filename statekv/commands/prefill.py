@@ -99,7 +99,7 @@ def ask_saved(path: str, questions: list[str], options: RunOptions, model: Model
             preset = load_preset(options.preset)
             name, revision = preset.model, preset.revision
         else:
-            name, revision = stored["name"], stored.get("revision")
+            name, revision = stored.get("checkpoint") or stored["name"], stored.get("revision")
         dtype = options.dtype or stored["dtype"]
         saved.check_model(meta, _Identity(_model_identity(name, revision, dtype, options)), path)
         from statekv.session import load
