@@ -4,11 +4,34 @@
     model = statekv.load("OpenGVLab/InternVL3-1B-hf")
     session = model.prefill("movie.mp4", method="statekv", budget=4096, max_frames=256)
     print(session.ask(["who enters the room?"])[0].answer, session.stats.lm_prefill_flops)
+
+`method` is a name (`statekv.METHODS`) or any `statekv.policies.Policy` object. The names
+below load on first use, so `import statekv` (and the command line) starts without torch.
 """
 
-from statekv.answer import Answer
-from statekv.policies import METHODS
-from statekv.session import Model, Session, Settings, Stats, load
+from __future__ import annotations
 
-__all__ = ["load", "Model", "Session", "Answer", "Settings", "Stats", "METHODS"]
+import importlib
+from typing import Any
+
 __version__ = "0.1.0.dev0"
+
+_EXPORTS = {
+    "load": "statekv.session", "Model": "statekv.session", "Session": "statekv.session",
+    "Settings": "statekv.session", "Stats": "statekv.session", "Answer": "statekv.answer",
+    "METHODS": "statekv.policies", "Policy": "statekv.policies",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'statekv' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

@@ -1,6 +1,6 @@
 """FLOP counts and memory readings: every number users see is computed here.
 
-Conventions (CONTRACTS.md): FLOPs = multiply-adds x 2. Linear layers cost 2 x in x out per
+Conventions (docs/measurement.md): FLOPs = multiply-adds x 2. Linear layers cost 2 x in x out per
 token. Attention for a chunk of T queries over C carried keys costs, per layer,
 4 x heads x head_dim x (T x C + T(T+1)/2): QK^T and PV over exactly the keys each query may
 see (carried keys all, the chunk's own keys causally). StateKV's mass pass is one more

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 
 class StateKVError(Exception):
-    """Base of every error a user can cause; `exit_code` follows CONTRACTS.md."""
+    """Base of every error a user can cause; `exit_code` follows docs/formats.md."""
 
     exit_code = 1
 

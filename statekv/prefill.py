@@ -15,6 +15,7 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 
 from statekv import accounting
+from statekv.units import fraction
 from statekv.attention import ATTENTION_NAME
 from statekv.cache import StateCache
 from statekv.models.base import ChunkInputs, PromptPieces, VideoAdapter
@@ -38,6 +39,16 @@ class PrefillEvent:
     elapsed_seconds: float
     memory_bytes: int
     peak_memory_bytes: int
+
+    @property
+    def lm_flops_fraction(self) -> float | None:
+        """LM prefill FLOPs so far as a fraction of full attention's on the same chunks."""
+        return fraction(self.lm_prefill_flops, self.full_lm_prefill_flops)
+
+    @property
+    def tokens_per_second(self) -> float:
+        """Prefill throughput so far."""
+        return self.tokens_done / max(self.elapsed_seconds, 1e-9)
 
 
 @dataclass

@@ -25,13 +25,14 @@ from statekv.models.base import VideoAdapter
 from statekv.policies import BENCHMARK_METHODS, Policy, check_method, make_policy
 from statekv.prefill import PrefillEvent, PrefillResult, prefill_chunks
 from statekv.presets import DEFAULTS
+from statekv.units import fraction
 
 DEFAULT_METHOD = DEFAULTS.method
 
 
 @dataclass
 class Settings:
-    """Everything that decides a result (CONTRACTS.md `settings`)."""
+    """Everything that decides a result (the `settings` record of docs/formats.md)."""
 
     model: str
     model_revision: str | None
@@ -55,7 +56,7 @@ class Settings:
 
 @dataclass
 class Stats:
-    """Measurements of one prefill and its answers (CONTRACTS.md `stats`)."""
+    """Measurements of one prefill and its answers (the `stats` record of docs/formats.md)."""
 
     frames: int = 0
     frame_timestamps: list[float] = field(default_factory=list)
@@ -74,8 +75,13 @@ class Stats:
     detailed_cache_bytes: int = 0
     carried_cache_bytes: int = 0
 
+    @property
+    def lm_flops_fraction(self) -> float | None:
+        """LM prefill FLOPs as a fraction of full attention's on the same frames."""
+        return fraction(self.lm_prefill_flops, self.full_lm_prefill_flops)
+
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {**asdict(self), "lm_flops_fraction": self.lm_flops_fraction}
 
 
 class Session:

@@ -11,36 +11,22 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
+from statekv.units import format_bytes, format_flops, format_fraction, format_seconds
+
 from statekv_cli.options import (
-    Attention,
     CacheDir,
-    Budget,
-    ChunkFrames,
     Debug,
-    Device,
-    Dtype,
-    End,
-    Force,
-    Fps,
     Json,
-    MaxFrames,
-    MaxNewTokens,
-    Method,
-    ModelOpt,
-    PinPrefix,
-    Preset,
     Quiet,
-    Seed,
-    Start,
-    TrustRemoteCode,
-    WindowFrames,
     emit_json,
     err,
     handle_errors,
     out,
-    run_options,
+    method_names,
+    run_options_from_cli,
 )
-from statekv_cli.progress import flops, live_enabled, prefill_display, size
+from statekv_cli.options import ALL_RUN_OPTIONS
+from statekv_cli.progress import live_enabled, prefill_display
 from statekv_cli.bench import bench
 from statekv_cli.demo import demo, eval_
 from statekv_cli.summarize import summarize
@@ -84,19 +70,21 @@ def _stats_line(stats: dict) -> str:
     if stats["prefills"] == 0:
         return (f"{stats['frames']} frames x {stats['tokens_per_frame']} tokens from a saved "
                 f"prefill: no decoding, vision or LM prefill | answers in "
-                f"{stats['answer_seconds']:.1f}s | detailed {stats['detailed_tokens']} tokens "
-                f"({size(stats['detailed_cache_bytes'])})")
-    ratio = stats["lm_prefill_flops"] / max(1, stats["full_lm_prefill_flops"])
+                f"{format_seconds(stats['answer_seconds'])} | detailed "
+                f"{stats['detailed_tokens']} tokens ({format_bytes(stats['detailed_cache_bytes'])})")
     return (f"{stats['frames']} frames x {stats['tokens_per_frame']} tokens | LM prefill "
-            f"{flops(stats['lm_prefill_flops'])} ({ratio:.0%} of full attention's "
-            f"{flops(stats['full_lm_prefill_flops'])}) in "
-            f"{stats['lm_prefill_seconds']:.1f}s | vision {flops(stats['vision_flops'])} in "
-            f"{stats['vision_seconds']:.1f}s | peak memory +{size(stats['peak_memory_bytes'])} | "
+            f"{format_flops(stats['lm_prefill_flops'])} "
+            f"({format_fraction(stats['lm_flops_fraction'])} of full attention's "
+            f"{format_flops(stats['full_lm_prefill_flops'])}) in "
+            f"{format_seconds(stats['lm_prefill_seconds'])} | vision "
+            f"{format_flops(stats['vision_flops'])} in {format_seconds(stats['vision_seconds'])} | "
+            f"peak memory +{format_bytes(stats['peak_memory_bytes'])} | "
             f"carried {stats['carried_tokens']} / detailed {stats['detailed_tokens']} tokens")
 
 
 @app.command()
 @handle_errors
+@run_options_from_cli()
 def ask(
     video: Annotated[str, typer.Argument(
         help="The video file, or a prefill file (.skv) written by `statekv prefill`.",
@@ -105,13 +93,8 @@ def ask(
         help="One or more questions (each answered from the same prefill).", show_default=False)] = None,
     questions_file: Annotated[str | None, typer.Option(
         "--questions", help="A file of questions: .txt one per line, .yaml a list of strings.")] = None,
-    preset: Preset = None, model: ModelOpt = None, method: Method = None, budget: Budget = None,
-    window_frames: WindowFrames = None, max_frames: MaxFrames = None, fps: Fps = None,
-    start: Start = None, end: End = None, chunk_frames: ChunkFrames = None,
-    max_new_tokens: MaxNewTokens = None, device: Device = "auto", dtype: Dtype = None,
-    seed: Seed = 0, json_output: Json = False, quiet: Quiet = False, debug: Debug = False,
-    pin_prefix: PinPrefix = False, attention: Attention = "sdpa",
-    trust_remote_code: TrustRemoteCode = False, force: Force = False, cache: CacheDir = None,
+    cache: CacheDir = None,
+    json_output: Json = False, quiet: Quiet = False, debug: Debug = False, options: Any = None,
 ) -> None:
     """Answer questions about a video: one prefill, then every question.
 
@@ -122,12 +105,8 @@ def ask(
     """
     from statekv.commands import ask as library, plan
 
-    options = run_options(
-        preset=preset, model=model, method=method, budget=budget, window_frames=window_frames,
-        max_frames=max_frames, fps=fps, start=start, end=end, chunk_frames=chunk_frames,
-        max_new_tokens=max_new_tokens, device=device, dtype=dtype, seed=seed,
-        pin_prefix=pin_prefix, attention=attention, trust_remote_code=trust_remote_code,
-        force=force, cache=cache)
+    options.cache = cache
+
     all_questions = list(questions or []) + (plan.read_questions(questions_file) if questions_file else [])
     with prefill_display("prefill", live_enabled(quiet, json_output)) as on_event:
         record = library.ask(video, all_questions, options, on_event=on_event)
@@ -153,32 +132,24 @@ def _print_source(record: dict) -> None:
 
 @app.command()
 @handle_errors
+@run_options_from_cli(*(name for name in ALL_RUN_OPTIONS if name != "method"))
 def compare(
     video: Annotated[str, typer.Argument(help="The video file.", show_default=False)],
     question: Annotated[str, typer.Argument(help="The question every method answers.", show_default=False)],
     methods: Annotated[str, typer.Option(
         "--methods", help="Comma-separated methods to run on the same frames (full always runs "
-        "as the reference): full, window, statekv, isolated.")] = "full,window,statekv",
-    preset: Preset = None, model: ModelOpt = None, budget: Budget = None,
-    window_frames: WindowFrames = None, max_frames: MaxFrames = None, fps: Fps = None,
-    start: Start = None, end: End = None, chunk_frames: ChunkFrames = None,
-    max_new_tokens: MaxNewTokens = None, device: Device = "auto", dtype: Dtype = None,
-    seed: Seed = 0, json_output: Json = False, quiet: Quiet = False, debug: Debug = False,
-    pin_prefix: PinPrefix = False, attention: Attention = "sdpa",
-    trust_remote_code: TrustRemoteCode = False, force: Force = False, cache: CacheDir = None,
+        f"as the reference), from: {method_names()}.")] = "full,window,statekv",
+    cache: CacheDir = None,
+    json_output: Json = False, quiet: Quiet = False, debug: Debug = False, options: Any = None,
 ) -> None:
     """Run several methods on the same frames and compare answers, FLOPs, time and memory.
 
     Example: statekv compare movie.mp4 "what happens?" --methods full,window,statekv --budget 4096
     """
-    from statekv.commands import ask as library, plan
+    from statekv.commands import ask as library
 
-    options = run_options(
-        preset=preset, model=model, budget=budget, window_frames=window_frames,
-        max_frames=max_frames, fps=fps, start=start, end=end, chunk_frames=chunk_frames,
-        max_new_tokens=max_new_tokens, device=device, dtype=dtype, seed=seed,
-        pin_prefix=pin_prefix, attention=attention, trust_remote_code=trust_remote_code,
-        force=force, cache=cache)
+    options.cache = cache
+
     names = [m.strip() for m in methods.split(",") if m.strip()]
     live = live_enabled(quiet, json_output)
     displays: list[Any] = []
@@ -213,34 +184,27 @@ def _compare_table(record: dict) -> Table:
         setting = {"statekv": f" B={row['budget']}", "window": f" {row['window_frames']} fr"}
         table.add_row(row["method"] + setting.get(row["method"], ""), row["answer"],
                       "yes" if row["agrees_with_full"] else "no",
-                      f"{row['first_token_kl_vs_full']:.4f}", flops(row["lm_prefill_flops"]),
-                      flops(row["vision_flops"]), f"{row['lm_prefill_seconds']:.2f}",
-                      size(row["peak_memory_bytes"]), str(row["carried_tokens"]),
+                      f"{row['first_token_kl_vs_full']:.4f}", format_flops(row["lm_prefill_flops"]),
+                      format_flops(row["vision_flops"]), format_seconds(row["lm_prefill_seconds"]),
+                      format_bytes(row["peak_memory_bytes"]), str(row["carried_tokens"]),
                       str(row["detailed_tokens"]))
     return table
 
 
 @app.command()
 @handle_errors
+@run_options_from_cli("preset", "model", "budget", "window_frames", "max_frames", "fps", "start",
+                      "end", "chunk_frames", "device", "dtype", "pin_prefix", "trust_remote_code")
 def info(
     video: Annotated[str, typer.Argument(help="The video file.", show_default=False)],
-    preset: Preset = None, model: ModelOpt = None, budget: Budget = None,
-    window_frames: WindowFrames = None, max_frames: MaxFrames = None, fps: Fps = None,
-    start: Start = None, end: End = None, chunk_frames: ChunkFrames = None,
-    device: Device = "auto", dtype: Dtype = None, json_output: Json = False,
-    debug: Debug = False, pin_prefix: PinPrefix = False,
-    trust_remote_code: TrustRemoteCode = False,
+    json_output: Json = False, debug: Debug = False, options: Any = None,
 ) -> None:
     """Probe a video and predict the cost of each method, without loading model weights.
 
     Example: statekv info movie.mp4 --preset internvl3-8b --max-frames 512
     """
-    from statekv.commands import ask as library, plan
+    from statekv.commands import ask as library
 
-    options = run_options(
-        preset=preset, model=model, budget=budget, window_frames=window_frames,
-        max_frames=max_frames, fps=fps, start=start, end=end, chunk_frames=chunk_frames,
-        device=device, dtype=dtype, pin_prefix=pin_prefix, trust_remote_code=trust_remote_code)
     record = library.info(video, options)
     if json_output:
         emit_json(record)
@@ -254,12 +218,12 @@ def info(
         ("model", f"{record['model']} (preset {record['preset']})"),
         ("sampled frames", str(record["sampled_frames"])),
         ("tokens per frame", str(record["tokens_per_frame"])),
-        *[(f"LM prefill, {name}", flops(m["lm_prefill_flops"]))
+        *[(f"LM prefill, {name}", format_flops(m["lm_prefill_flops"]))
           for name, m in predicted["methods"].items()],
-        ("detailed cache", size(predicted["detailed_cache_bytes"])),
-        ("prefill file (statekv prefill)", size(predicted["prefill_file_bytes"])),
-        ("weights", size(predicted["weights_bytes"])),
-        ("peak memory (estimate)", size(predicted["peak_memory_bytes"])),
+        ("detailed cache", format_bytes(predicted["detailed_cache_bytes"])),
+        ("prefill file (statekv prefill)", format_bytes(predicted["prefill_file_bytes"])),
+        ("weights", format_bytes(predicted["weights_bytes"])),
+        ("peak memory (estimate)", format_bytes(predicted["peak_memory_bytes"])),
     ]
     for key, value in rows:
         table.add_row(key, value)

@@ -8,19 +8,13 @@ Registered in the main app as `app.command("bench")(bench)`.
 
 from __future__ import annotations
 
-import json
-import sys
-import traceback
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from statekv_cli.progress import flops, size
-
-out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 200)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
+from statekv.units import format_bytes as size, format_flops as flops
+from statekv_cli.options import Debug, emit_json, err, handle_errors, method_names, out
 
 
 def _ints(text: str, option: str) -> list[int]:
@@ -34,13 +28,14 @@ def _ints(text: str, option: str) -> list[int]:
     return values
 
 
+@handle_errors
 def bench(
     preset: Annotated[str, typer.Option(
         "--preset", help="Preset name or YAML file whose language model to benchmark.")] = "bench-tiny",
     frames: Annotated[str, typer.Option(
         "--frames", help="Comma-separated frame counts.")] = "32,64,128,256,512,1024",
     methods: Annotated[str, typer.Option(
-        "--methods", help="Comma-separated methods: full, window, statekv, isolated.")] = "full,window,statekv",
+        "--methods", help=f"Comma-separated methods, from: {method_names()}.")] = "full,window,statekv",
     budget: Annotated[int | None, typer.Option(
         "--budget", help="statekv: tokens carried per layer and KV head. Default: the preset's.")] = None,
     window_frames: Annotated[int | None, typer.Option(
@@ -59,43 +54,33 @@ def bench(
     csv: Annotated[str | None, typer.Option("--csv", help="Also write the rows to this CSV file.")] = None,
     plot: Annotated[str | None, typer.Option(
         "--plot", help="Also plot FLOPs and seconds against frames to this PNG (needs matplotlib).")] = None,
-    debug: Annotated[bool, typer.Option("--debug", help="Show the full traceback of errors.")] = False,
+    debug: Debug = False,
 ) -> None:
     """Benchmark LM prefill (FLOPs, seconds, per-chunk time, memory) against frames per method.
 
     Example: statekv bench --preset bench-tiny --frames 64,256,512 --repeats 3 --csv bench.csv
     """
     from statekv.commands import bench as lib
-    from statekv.errors import StateKVError
 
     frame_counts = _ints(frames, "--frames")
     method_names = [m.strip() for m in methods.split(",") if m.strip()]
     shown = not json_output
     progress = (lambda row: err.print(_row_line(row), markup=False)) if shown else None
-    try:
-        if analytic:
-            rows = lib.analytic_bench(preset, frame_counts, method_names, budget=budget,
-                                      window_frames=window_frames,
-                                      tokens_per_frame=tokens_per_frame, chunk_frames=chunk_frames)
-        else:
-            rows = lib.run_bench(preset, frame_counts, method_names, budget=budget,
-                                 window_frames=window_frames, repeats=repeats,
-                                 tokens_per_frame=tokens_per_frame, chunk_frames=chunk_frames,
-                                 threads=threads, on_row=progress)
-        if csv:
-            lib.write_csv(rows, csv)
-        if plot:
-            lib.plot(rows, plot, title=f"statekv bench: {preset}")
-    except StateKVError as exc:
-        if debug:
-            traceback.print_exc()
-        err.print(f"statekv: error: {exc}", markup=False)
-        raise typer.Exit(exc.exit_code) from None
-    except KeyboardInterrupt:
-        err.print("statekv: interrupted")
-        raise typer.Exit(130) from None
+    if analytic:
+        rows = lib.analytic_bench(preset, frame_counts, method_names, budget=budget,
+                                  window_frames=window_frames,
+                                  tokens_per_frame=tokens_per_frame, chunk_frames=chunk_frames)
+    else:
+        rows = lib.run_bench(preset, frame_counts, method_names, budget=budget,
+                             window_frames=window_frames, repeats=repeats,
+                             tokens_per_frame=tokens_per_frame, chunk_frames=chunk_frames,
+                             threads=threads, on_row=progress)
+    if csv:
+        lib.write_csv(rows, csv)
+    if plot:
+        lib.plot(rows, plot, title=f"statekv bench: {preset}")
     if json_output:
-        sys.stdout.write(json.dumps([r.to_dict() for r in rows]) + "\n")
+        emit_json([r.to_dict() for r in rows])
         return
     out.print(_table(rows, lib.speedups(rows), analytic))
 

@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from statekv_cli.options import Debug, Json, emit_json, handle_errors, out
-from statekv_cli.progress import size
+from statekv.units import format_bytes as size
 
 cache_app = typer.Typer(help="List or clear the prefill cache that --cache DIR (or "
                         "$STATEKV_CACHE) fills.", no_args_is_help=True, rich_markup_mode=None)

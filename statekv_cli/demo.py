@@ -9,12 +9,12 @@ import typer
 from rich.table import Table
 
 from statekv_cli.options import (
-    Debug, Device, Json, PinPrefix, Quiet, Seed, emit_json, err, handle_errors, out,
+    Debug, Device, Json, PinPrefix, Quiet, Seed, emit_json, err, handle_errors, method_names, out,
 )
-from statekv_cli.progress import flops
+from statekv.units import format_flops as flops, format_fraction
 
 DemoMethod = Annotated[str, typer.Option(
-    "--method", help="full, window, statekv or isolated (the floor).")]
+    "--method", help=f"One of {method_names()} (isolated: the floor).")]
 DemoBudget = Annotated[int, typer.Option(
     "--budget", help="statekv: tokens carried per layer and KV head (a frame is about 11 tokens).")]
 DemoWindow = Annotated[int, typer.Option(
@@ -62,7 +62,7 @@ def demo(
     if not quiet:
         s = result.stats
         err.print(f"LM prefill {flops(s['lm_prefill_flops'])} "
-                  f"({s['lm_prefill_flops'] / max(1, s['full_lm_prefill_flops']):.0%} of full "
+                  f"({format_fraction(s['lm_flops_fraction'])} of full "
                   f"attention's), carried {s['carried_tokens']} / detailed {s['detailed_tokens']} "
                   f"tokens", markup=False)
 

@@ -19,36 +19,13 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from statekv_cli.options import (
-    Attention,
-    CacheDir,
-    Budget,
-    ChunkFrames,
-    Debug,
-    Device,
-    Dtype,
-    End,
-    Force,
-    Fps,
-    MaxFrames,
-    MaxNewTokens,
-    Method,
-    ModelOpt,
-    PinPrefix,
-    Preset,
-    Quiet,
-    Seed,
-    Start,
-    TrustRemoteCode,
-    WindowFrames,
-    err,
-    handle_errors,
-    run_options,
-)
-from statekv_cli.progress import flops, live_enabled
+from statekv.units import format_flops, format_fraction, format_seconds
+from statekv_cli.options import CacheDir, Debug, Quiet, err, handle_errors, run_options_from_cli
+from statekv_cli.progress import live_enabled
 
 
 @handle_errors
+@run_options_from_cli()
 def summarize(
     paths: Annotated[list[str], typer.Argument(
         help="Video files and/or folders (searched recursively for video files).",
@@ -71,13 +48,8 @@ def summarize(
     ray_address: Annotated[str | None, typer.Option(
         "--ray-address", help="Connect to this Ray cluster (implies --ray), e.g. auto or "
         "ray://head:10001.")] = None,
-    preset: Preset = None, model: ModelOpt = None, method: Method = None, budget: Budget = None,
-    window_frames: WindowFrames = None, max_frames: MaxFrames = None, fps: Fps = None,
-    start: Start = None, end: End = None, chunk_frames: ChunkFrames = None,
-    max_new_tokens: MaxNewTokens = None, device: Device = "auto", dtype: Dtype = None,
-    seed: Seed = 0, quiet: Quiet = False, debug: Debug = False,
-    pin_prefix: PinPrefix = False, attention: Attention = "sdpa",
-    trust_remote_code: TrustRemoteCode = False, force: Force = False, cache: CacheDir = None,
+    cache: CacheDir = None,
+    quiet: Quiet = False, debug: Debug = False, options: Any = None,
 ) -> None:
     """Summarise many videos: one prefill each, one JSON line per video, resumable.
 
@@ -88,12 +60,7 @@ def summarize(
     """
     from statekv.commands import summarize as batch
 
-    options = run_options(
-        preset=preset, model=model, method=method, budget=budget, window_frames=window_frames,
-        max_frames=max_frames, fps=fps, start=start, end=end, chunk_frames=chunk_frames,
-        max_new_tokens=max_new_tokens, device=device, dtype=dtype, seed=seed,
-        pin_prefix=pin_prefix, attention=attention, trust_remote_code=trust_remote_code,
-        force=force, cache=cache)
+    options.cache = cache
     options.validate()
     videos = batch.find_videos(paths, glob)
     if shard_spec:
@@ -126,8 +93,8 @@ def _batch_display(total: int, live: bool, quiet: bool) -> Iterator[tuple[Any, A
             status = "skipped (already done)"
         elif record["status"] == "ok":
             stats = record["stats"]
-            ratio = stats["lm_prefill_flops"] / max(1, stats["full_lm_prefill_flops"])
-            status = f"ok, LM prefill {flops(stats['lm_prefill_flops'])} ({ratio:.0%} of full)"
+            status = (f"ok, LM prefill {format_flops(stats['lm_prefill_flops'])} "
+                      f"({format_fraction(stats['lm_flops_fraction'])} of full)")
             if record.get("cache"):
                 status += f", cache {record['cache']}"
         else:
@@ -162,10 +129,10 @@ def _batch_display(total: int, live: bool, quiet: bool) -> Iterator[tuple[Any, A
                                        markup=False)
 
         def on_event(event: Any) -> None:
-            saved = 1 - event.lm_prefill_flops / max(1, event.full_lm_prefill_flops)
             progress.update(current, total=event.frames_total, completed=event.frames_done,
-                            detail=f"LM {flops(event.lm_prefill_flops)} ({saved:.0%} saved "
-                                   f"vs full {flops(event.full_lm_prefill_flops)})")
+                            detail=f"LM {format_flops(event.lm_prefill_flops)} "
+                                   f"({format_fraction(event.lm_flops_fraction)} of full's "
+                                   f"{format_flops(event.full_lm_prefill_flops)})")
 
         yield on_video, on_event
         progress.update(current, visible=False)
@@ -177,8 +144,9 @@ def _summary_table(result: Any, out_path: str) -> Table:
     for column in ("done", "skipped", "failed", "LM prefill", "saving vs full", "time"):
         table.add_column(column)
     table.add_row(str(result.done), str(result.skipped), str(result.failed),
-                  flops(result.lm_prefill_flops),
-                  f"{result.saving:.0%} (full: {flops(result.full_lm_prefill_flops)})",
-                  f"{result.seconds:.1f} s")
+                  format_flops(result.lm_prefill_flops),
+                  f"{format_fraction(None if result.lm_flops_fraction is None else result.saving)} "
+                  f"(full: {format_flops(result.full_lm_prefill_flops)})",
+                  format_seconds(result.seconds))
     return table
 

@@ -2,7 +2,7 @@
 
 Linear layers: the counter's mm/addmm over a real prefill must equal 2 x in x out per token.
 Attention: the eager reference path multiplies the whole (queries x [carried ; chunk]) rectangle,
-which the counter sees as bmm; the convention (CONTRACTS.md) counts causally, i.e. the rectangle
+which the counter sees as bmm; the convention (docs/measurement.md) counts causally, i.e. the rectangle
 minus the hidden upper triangle of the chunk's own square. Both within 2%.
 """
 

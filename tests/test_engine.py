@@ -1,4 +1,4 @@
-"""The METHOD.md contracts, proven for every model family against the unmodified model.
+"""The contracts of docs/method.md, proven for every model family against the unmodified model.
 
 One test body per contract, parametrised over `FAMILIES` in conftest.py.
 """
@@ -240,7 +240,7 @@ def test_a_pinned_prefix_longer_than_the_budget_is_never_selected(family, commit
 
 
 def test_bfloat16_stays_close_to_full_attention(tiny_internvl_dir, frames):
-    # CONTRACTS.md: bf16 correctness is checked on the CPU with a looser tolerance (1e-2).
+    # docs/method.md: bf16 correctness is checked on the CPU with a looser tolerance (1e-2).
     import statekv
     from transformers import AutoModelForImageTextToText, AutoProcessor
 

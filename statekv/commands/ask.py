@@ -20,7 +20,7 @@ from statekv.session import Model, Session
 
 def ask(path: str, questions: list[str], options: RunOptions, model: Model | None = None,
         on_event: Callable[[PrefillEvent], None] | None = None) -> dict[str, Any]:
-    """`statekv ask`: one prefill, every answer; the CONTRACTS.md record. A prefill file
+    """`statekv ask`: one prefill, every answer; the record of docs/formats.md. A prefill file
     (.skv) is answered from without a prefill (commands/prefill.py ask_saved)."""
     from statekv.commands.prefill import ask_saved, cache_fields
     from statekv.saved import is_prefill_file

@@ -49,7 +49,7 @@ class RunOptions:
     cache: str | None = None  # prefill cache folder (commands/cache.py); None: $STATEKV_CACHE
 
     def validate(self) -> None:
-        """Reject bad values before any work (CONTRACTS.md: budget, window, frames >= 1)."""
+        """Reject bad values before any work (budget, window, frames >= 1)."""
         for name in ("budget", "window_frames", "max_frames", "chunk_frames", "max_new_tokens"):
             value = getattr(self, name)
             if value is not None and value < 1:

@@ -1,7 +1,7 @@
 """Batch summaries: find videos, summarise each with one prefill, append JSONL records.
 
 The library side of `statekv summarize` (no printing). One record per video, in
-CONTRACTS.md's summarize format, appended to the output as soon as the video is done
+the summarize record of docs/formats.md, appended to the output as soon as the video is done
 (one write, flushed and fsynced), so an interrupted run leaves a valid file and the
 next run with the same output resumes: a video whose last record is `ok` with the same
 `settings_hash` (and the same file size and mtime) is skipped unless `redo`.
@@ -34,13 +34,13 @@ VIDEO_EXTENSIONS = frozenset({
     ".ts", ".mts", ".m2ts", ".3gp", ".ogv", ".vob",
 })
 
-# What decides a summary (CONTRACTS.md settings minus device and family, plus the prompt
+# What decides a summary (the settings record minus device and family, plus the prompt
 # and the options that change the prefill's arithmetic).
 HASH_KEYS = ("model", "model_revision", "method", "budget", "window_frames", "max_frames", "fps",
              "start", "end", "chunk_frames", "dtype", "max_new_tokens", "seed", "prompt",
              "system_prompt", "pin_prefix", "attention")
 
-# The CONTRACTS.md settings keys (plus the prompt) that summarize records carry.
+# The settings keys (plus the prompt) that summarize records carry.
 RECORD_KEYS = ("model", "model_revision", "family", "method", "budget", "window_frames",
                "max_frames", "fps", "start", "end", "chunk_frames", "dtype", "device",
                "max_new_tokens", "seed", "prompt")
@@ -263,6 +263,13 @@ class BatchResult:
         if not self.full_lm_prefill_flops:
             return 0.0
         return 1.0 - self.lm_prefill_flops / self.full_lm_prefill_flops
+
+    @property
+    def lm_flops_fraction(self) -> float | None:
+        """This run's LM prefill FLOPs as a fraction of full attention's (None: nothing ran)."""
+        from statekv.units import fraction
+
+        return fraction(self.lm_prefill_flops, self.full_lm_prefill_flops)
 
     def add(self, record: dict[str, Any]) -> None:
         self.records.append(record)

@@ -26,7 +26,7 @@ from statekv.policies import BENCHMARK_METHODS, Policy, make_policy
 
 DEMO_MODEL = "statekv/demo"  # the preset's `model`; resolve_checkpoint maps it to the folder
 FLOOR_GAP = 0.15  # full must beat isolated by this much for the benchmark to discriminate
-EVAL_METHODS = ("full", "isolated", "window", "statekv", "random")  # eval's column order
+EVAL_METHODS = BENCHMARK_METHODS  # what eval accepts (the registry's, random included)
 TRAINED_FRAMES = 32  # the demo model's training length (tools/train_demo.py's curriculum ends here)
 
 
