@@ -23,14 +23,14 @@ import os
 import struct
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from statekv.errors import InputError, UsageError
 
-if TYPE_CHECKING:
-    from statekv.session import Model, Session
+# Sessions and models are passed in (statekv.session imports this module, not the reverse).
+Session = Model = Any
 
 FORMAT = "statekv-prefill"
 FORMAT_VERSION = 1
@@ -277,8 +277,10 @@ def check_model(meta: dict[str, Any], model: "Model", path: str) -> None:
                          f"{meta['model']['dtype']})")
 
 
-def open_session(model: "Model", path: str) -> "Session":
-    """A Session answering from the prefill file at `path` (see the module docstring)."""
+def read_state(model: "Model", path: str) -> tuple[Any, dict[str, Any]]:
+    """(PrefillResult ready to answer on `model`, the file's JSON record) from the prefill
+    file at `path`, the adapter resumed at the end of the video (see the module docstring).
+    `Model.open` wraps it in a Session."""
     from safetensors import safe_open
 
     from statekv import accounting
@@ -286,7 +288,6 @@ def open_session(model: "Model", path: str) -> "Session":
     from statekv.models.base import PromptPieces
     from statekv.policies import make_policy
     from statekv.prefill import ANSWER_ROOM, PrefillResult, ensure_attention
-    from statekv.session import Session, Settings
 
     meta = read_metadata(path)
     check_model(meta, model, path)
@@ -344,9 +345,4 @@ def open_session(model: "Model", path: str) -> "Session":
     model.adapter.resume(plan["frame_count"], tuple(plan["timestamps"]), prompt,
                          frame_size=frame_size, duration=plan.get("duration"),
                          state=meta["adapter_state"])
-    settings = Settings(**{**meta["settings"], "device": str(device)})
-    session = Session(model, state, settings, accounting.PeakMemory(device),
-                      meta["tokens_per_frame"], options=meta.get("options"), prefills=0,
-                      source=str(path))
-    session.video = meta.get("video")
-    return session
+    return state, meta

@@ -195,7 +195,13 @@ class Model:
         refused (UsageError); a truncated, corrupted or newer-format file too (InputError)."""
         from statekv import saved
 
-        return saved.open_session(self, path)
+        state, meta = saved.read_state(self, path)
+        settings = Settings(**{**meta["settings"], "device": str(self.device)})
+        session = Session(self, state, settings, accounting.PeakMemory(self.device),
+                          meta["tokens_per_frame"], options=meta.get("options"), prefills=0,
+                          source=str(path))
+        session.video = meta.get("video")
+        return session
 
     @property
     def device(self) -> torch.device:
