@@ -133,7 +133,14 @@ def _one_line(result, code, *words):
         assert any(w in lines[0] for w in ((word,) if isinstance(word, str) else word)), lines[0]
 
 
-def test_other_model_family_dtype_or_settings_refused(skv, tmp_path, checkpoints):
+def test_other_model_family_dtype_or_settings_refused(skv, tmp_path, checkpoints, monkeypatch):
+    """Refused before any work: no weights load (checked from the checkpoint's files)."""
+    import statekv.session
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("weights were loaded before the refusal")
+
+    monkeypatch.setattr(statekv.session, "load_weights", no_load)
     out, _ = skv
     _one_line(run("ask", out, "q", "--model", checkpoints("smolvlm")), 2, "family smolvlm")
     _one_line(run("ask", out, "q", "--dtype", "bfloat16"), 2, "dtype bfloat16")
