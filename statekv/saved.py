@@ -271,10 +271,15 @@ def mismatch(meta: dict[str, Any], model: "Model") -> list[str]:
 
 def check_model(meta: dict[str, Any], model: "Model", path: str) -> None:
     differences = mismatch(meta, model)
-    if differences:
-        raise UsageError(f"{path} was prefilled with another model: " + "; ".join(differences)
-                         + f" (answer it with --model {meta['model']['name']} --dtype "
-                         f"{meta['model']['dtype']})")
+    if not differences:
+        return
+    stored = meta["model"]
+    if differences[0].startswith("weights") and stored.get("name") == model.name:
+        advice = "the checkpoint changed since: prefill the video again"
+    else:
+        advice = f"answer it with --model {stored['name']} --dtype {stored['dtype']}"
+    raise UsageError(f"{path} was prefilled with another model: " + "; ".join(differences)
+                     + f" ({advice})")
 
 
 def read_state(model: "Model", path: str) -> tuple[Any, dict[str, Any]]:
