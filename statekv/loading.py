@@ -121,3 +121,49 @@ def load_weights(checkpoint: str, device: torch.device, dtype: torch.dtype,
         raise ModelError(f"failed to load {checkpoint}: {exc}") from None
     model.to(device).eval()
     return config, model, processor
+
+
+# Model identity -------------------------------------------------------------------------
+WEIGHTS_SAMPLE_BYTES = 1 << 20  # read from the start and the end of each weights file
+
+
+def weights_hash(checkpoint: str) -> str:
+    """A fingerprint of a checkpoint without reading all its weights: blake2b over, for each
+    file of the directory sorted by name, its name and size, and then either its content
+    (the config, tokenizer, processor and chat-template files: *.json, *.jinja, *.txt,
+    *.model, whole) or, for weights (*.safetensors, *.bin), its first and last MiB. A
+    safetensors file starts with its tensor index (names, dtypes, shapes, offsets), so the
+    head covers the layout and the tail real data: a retrained or converted checkpoint
+    changes them, and so does another tokenizer or template. Reads ~2 MiB per weights file."""
+    import hashlib
+
+    root = Path(checkpoint)
+    digest = hashlib.blake2b(digest_size=16)
+    for file in sorted(p for p in root.iterdir() if p.is_file()):
+        whole = file.suffix in (".json", ".jinja", ".txt", ".model")
+        if not whole and file.suffix not in (".safetensors", ".bin"):
+            continue
+        size = file.stat().st_size
+        digest.update(f"{file.name}\0{size}\0".encode())
+        with open(file, "rb") as handle:
+            if whole:
+                digest.update(handle.read())
+                continue
+            digest.update(handle.read(WEIGHTS_SAMPLE_BYTES))
+            if size > 2 * WEIGHTS_SAMPLE_BYTES:
+                handle.seek(size - WEIGHTS_SAMPLE_BYTES)
+                digest.update(handle.read(WEIGHTS_SAMPLE_BYTES))
+    return digest.hexdigest()
+
+
+def parameters_hash(module: torch.nn.Module, sample: int = 256) -> str:
+    """A fingerprint of in-memory weights (a model not loaded from a directory): each
+    parameter's name, dtype, shape and its first `sample` values."""
+    import hashlib
+
+    digest = hashlib.blake2b(digest_size=16)
+    for name, tensor in module.state_dict().items():
+        digest.update(f"{name}\0{tensor.dtype}\0{tuple(tensor.shape)}\0".encode())
+        head = tensor.detach().reshape(-1)[:sample].cpu().contiguous()
+        digest.update(head.view(torch.uint8).numpy().tobytes() if head.numel() else b"")
+    return digest.hexdigest()

@@ -69,6 +69,10 @@ class PrefillResult:
     # Rotary frequencies are fixed for this length (largest position + 1 of prefix, frames and
     # the answer room) for the prefill and every answer: one base per video (rotary.py).
     rotary_length: int = 0
+    # What the adapter was told before the first chunk (frame_count, timestamps, frame_size,
+    # duration): with `adapter_state`, what answering needs besides the cache (saved.py).
+    plan: dict[str, Any] = field(default_factory=dict)
+    adapter_state: dict[str, Any] = field(default_factory=dict)
 
 
 def forward_chunk(adapter: VideoAdapter, cache: StateCache, chunk: ChunkInputs) -> torch.Tensor:
@@ -175,7 +179,10 @@ def prefill_chunks(
                             duration=duration)
     loop = _Loop(adapter, policy, frame_count, reserve, attention, on_event, memory)
     loop.result = PrefillResult(cache=loop.cache, prompt=prompt,
-                                rotary_length=adapter.rotary_length(reserve + ANSWER_ROOM))
+                                rotary_length=adapter.rotary_length(reserve + ANSWER_ROOM), plan={
+        "frame_count": frame_count, "timestamps": [float(t) for t in timestamps],
+        "frame_size": list(frame_size) if frame_size is not None else None,
+        "duration": duration})
     loop.cache.observe(on_carried)
     with torch.inference_mode(), fixed_rotary(adapter.language_model, loop.result.rotary_length):
         pinning = pin_prefix or policy.pins_prefix
@@ -189,6 +196,7 @@ def prefill_chunks(
             loop.result.frame_timestamps.extend(frame_chunk.timestamps)
             loop.run_chunk(loop.encode(frame_chunk.frames, frame_chunk.first))
     loop.cache.finish_prefill()
+    loop.result.adapter_state = adapter.answer_state()
     loop.result.seconds = loop.watch.seconds
     return loop.result
 

@@ -90,7 +90,8 @@ class Session:
 
     def __init__(self, model: "Model", state: PrefillResult, settings: Settings,
                  memory: accounting.PeakMemory, tokens_per_frame: int,
-                 context: Context | None = None) -> None:
+                 context: Context | None = None, options: dict[str, Any] | None = None,
+                 prefills: int = 1, source: str | None = None) -> None:
         self.model = model
         self.state = state
         self.settings = settings
@@ -99,6 +100,19 @@ class Session:
         self.context = context  # the video against the model's trained context
         self._answer_seconds = 0.0
         self._tokens_per_frame = tokens_per_frame
+        # How the prefill ran beyond `settings` (system_prompt, pin_prefix, attention, backend).
+        self.options: dict[str, Any] = dict(options or {})
+        self.prefills = prefills  # 0 for a session opened from a prefill file
+        self.source = source  # the prefill file it was opened from, if any
+        self.video: dict[str, Any] | None = None  # the video's identity (saved.video_identity)
+        self.cache: str | None = None  # "hit" or "miss" when it came through a prefill cache
+
+    def save(self, path: str) -> int:
+        """Write this prefill to `path` (a .skv file, see docs/prefill-files.md), atomically;
+        returns the file's size in bytes. `Model.open(path)` answers from it later."""
+        from statekv import saved
+
+        return saved.save(self, path)
 
     def check_questions(self, questions: Sequence[str], max_new_tokens: int) -> None:
         """Refuse a question that cannot fit in the trained context at all (UsageError); warn
@@ -143,7 +157,7 @@ class Session:
             tokens_per_frame=self._tokens_per_frame,
             detailed_tokens=cache.detailed_tokens,
             carried_tokens=cache.carried_tokens,
-            prefills=1,
+            prefills=self.prefills,
             decode_seconds=seconds.get("decode_seconds", 0.0),
             vision_seconds=seconds.get("vision_seconds", 0.0),
             lm_prefill_seconds=seconds.get("lm_prefill_seconds", 0.0),
@@ -171,10 +185,41 @@ class _VideoShape:
 class Model:
     """A loaded checkpoint and its family adapter; reuse it for every video."""
 
-    def __init__(self, adapter: VideoAdapter, name: str, revision: str | None = None) -> None:
+    def __init__(self, adapter: VideoAdapter, name: str, revision: str | None = None,
+                 checkpoint: str | None = None) -> None:
         self.adapter = adapter
         self.name = name
         self.revision = revision
+        self.checkpoint = checkpoint  # the local directory the weights came from, if any
+        self._weights_hash: str | None = None
+
+    @property
+    def weights_hash(self) -> str:
+        """A fast fingerprint of the weights (loading.weights_hash), computed once."""
+        if self._weights_hash is None:
+            from statekv.loading import parameters_hash, weights_hash
+
+            self._weights_hash = (weights_hash(self.checkpoint) if self.checkpoint
+                                  else parameters_hash(self.adapter.model))
+        return self._weights_hash
+
+    @property
+    def dtype(self) -> str:
+        return str(self.adapter.dtype).removeprefix("torch.")
+
+    def open(self, path: str) -> Session:
+        """A session answering from a prefill file written by `Session.save` (no video, no
+        vision tower, no prefill). A file from another model, revision, family or dtype is
+        refused (UsageError); a truncated, corrupted or newer-format file too (InputError)."""
+        from statekv import saved
+
+        state, meta = saved.read_state(self, path)
+        settings = Settings(**{**meta["settings"], "device": str(self.device)})
+        session = Session(self, state, settings, accounting.PeakMemory(self.device),
+                          meta["tokens_per_frame"], options=meta.get("options"), prefills=0,
+                          source=str(path))
+        session.video = meta.get("video")
+        return session
 
     @property
     def device(self) -> torch.device:
@@ -213,7 +258,10 @@ class Model:
         second (the command line's defaults), between `start` and `end` seconds;
         `max_frames="fit"` samples as many as fit in the model's trained context.
         """
+        from statekv.saved import video_identity
+
         info = video.probe(path)
+        identity = video_identity(path)  # before decoding: the file as it was read
         timestamps = video.frame_timestamps(path)
         watched = min(end or info.duration_seconds, info.duration_seconds) - (start or 0.0)
 
@@ -237,9 +285,12 @@ class Model:
         size = self.adapter.decode_size(info.height, info.width, frames=shape.frames)
         chunks = video.iter_chunks(path, plan, chunk_frames, size=size, backend=backend)
         sampling = dict(max_frames=max_frames, fps=fps, start=start, end=end)
-        return self._run(chunks, shape, sampling, _Run(
+        session = self._run(chunks, shape, sampling, _Run(
             method, budget, window_frames, chunk_frames, system_prompt, pin_prefix, attention,
             max_new_tokens, seed, on_event), tokens_for)
+        session.options["backend"] = backend
+        session.video = {"path": str(path), **identity}
+        return session
 
     def _shape(self, info: Any, plan: Any, watched: float | None) -> _VideoShape:
         count = len(plan.indices)
@@ -342,7 +393,9 @@ class Model:
                 duration=shape.duration, system_prompt=run.system_prompt,
                 pin_prefix=run.pin_prefix, attention=run.attention, on_event=run.on_event,
                 memory=memory)
-        session = Session(self, state, settings, memory, shape.tokens_per_frame, context)
+        session = Session(self, state, settings, memory, shape.tokens_per_frame, context, options={
+            "system_prompt": run.system_prompt, "pin_prefix": run.pin_prefix,
+            "attention": run.attention, "backend": None})
         chunk_tokens = max(state.chunk_tokens[1:], default=0)
         if policy.budget is not None and policy.budget < chunk_tokens:
             session.warnings.append(
@@ -412,6 +465,6 @@ def load(model: str, *, device: str = "auto", dtype: str = "auto", revision: str
         from statekv.errors import ModelError
 
         raise ModelError(f"statekv cannot run {model}: {reason}")
-    return Model(adapter, model, revision)
+    return Model(adapter, model, revision, checkpoint)
 
 

@@ -48,3 +48,37 @@ def fraction(part: float, whole: float) -> float | None:
 def format_fraction(value: float | None) -> str:
     """A fraction as a percentage, '-' when undefined."""
     return "-" if value is None else f"{value:.0%}"
+
+
+SIZE_UNITS = {"": 1, "B": 1, "K": 2**10, "KB": 2**10, "KIB": 2**10, "M": 2**20, "MB": 2**20,
+              "MIB": 2**20, "G": 2**30, "GB": 2**30, "GIB": 2**30, "T": 2**40, "TB": 2**40,
+              "TIB": 2**40}
+DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_size(text: str) -> int:
+    """'50G', '512M', '1.5TiB', '1000' (bytes; binary units) -> bytes; ValueError if not."""
+    value = text.strip().upper().replace(" ", "")
+    number = value.rstrip("BKMGTI")
+    unit = value[len(number):]
+    try:
+        size = float(number) * SIZE_UNITS[unit]
+    except (KeyError, ValueError):
+        raise ValueError(f"not a size: {text!r} (e.g. 50G, 512M)") from None
+    if not math.isfinite(size) or size < 0:
+        raise ValueError(f"not a size: {text!r} (e.g. 50G, 512M)")
+    return int(size)
+
+
+def parse_duration(text: str) -> float:
+    """'7d', '12h', '30m', '90s', '2w' -> seconds; ValueError if not."""
+    value = text.strip().lower()
+    unit = value[-1:] if value[-1:] in DURATION_UNITS else "s"
+    number = value[:-1] if value[-1:] in DURATION_UNITS else value
+    try:
+        seconds = float(number) * DURATION_UNITS[unit]
+    except ValueError:
+        raise ValueError(f"not a duration: {text!r} (e.g. 7d, 12h, 30m)") from None
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ValueError(f"not a duration: {text!r} (e.g. 7d, 12h, 30m)")
+    return seconds

@@ -14,6 +14,7 @@ from rich.table import Table
 from statekv.units import format_bytes, format_flops, format_fraction, format_seconds
 
 from statekv_cli.options import (
+    CacheDir,
     Debug,
     Json,
     Quiet,
@@ -29,6 +30,8 @@ from statekv_cli.progress import live_enabled, prefill_display
 from statekv_cli.bench import bench
 from statekv_cli.demo import demo, eval_
 from statekv_cli.summarize import summarize
+from statekv_cli.prefill import prefill
+from statekv_cli.cache import cache_app
 
 app = typer.Typer(
     name="statekv",
@@ -53,6 +56,8 @@ app.command("summarize")(summarize)
 app.command("bench")(bench)
 app.command("demo")(demo)
 app.command("eval")(eval_)
+app.command("prefill")(prefill)
+app.add_typer(cache_app, name="cache")
 
 
 def _print_warnings(warnings: list[str], quiet: bool) -> None:
@@ -62,6 +67,11 @@ def _print_warnings(warnings: list[str], quiet: bool) -> None:
 
 
 def _stats_line(stats: dict) -> str:
+    if stats["prefills"] == 0:
+        return (f"{stats['frames']} frames x {stats['tokens_per_frame']} tokens from a saved "
+                f"prefill: no decoding, vision or LM prefill | answers in "
+                f"{format_seconds(stats['answer_seconds'])} | detailed "
+                f"{stats['detailed_tokens']} tokens ({format_bytes(stats['detailed_cache_bytes'])})")
     return (f"{stats['frames']} frames x {stats['tokens_per_frame']} tokens | LM prefill "
             f"{format_flops(stats['lm_prefill_flops'])} "
             f"({format_fraction(stats['lm_flops_fraction'])} of full attention's "
@@ -76,18 +86,26 @@ def _stats_line(stats: dict) -> str:
 @handle_errors
 @run_options_from_cli()
 def ask(
-    video: Annotated[str, typer.Argument(help="The video file.", show_default=False)],
+    video: Annotated[str, typer.Argument(
+        help="The video file, or a prefill file (.skv) written by `statekv prefill`.",
+        show_default=False)],
     questions: Annotated[list[str] | None, typer.Argument(
         help="One or more questions (each answered from the same prefill).", show_default=False)] = None,
     questions_file: Annotated[str | None, typer.Option(
         "--questions", help="A file of questions: .txt one per line, .yaml a list of strings.")] = None,
+    cache: CacheDir = None,
     json_output: Json = False, quiet: Quiet = False, debug: Debug = False, options: Any = None,
 ) -> None:
     """Answer questions about a video: one prefill, then every question.
 
     Example: statekv ask movie.mp4 "who enters the room?" "what is on the table?" --max-frames 256
+
+    From a saved prefill (no video decoding, no vision tower, no prefill):
+    statekv ask movie.skv "who enters the room?"
     """
     from statekv.commands import ask as library, plan
+
+    options.cache = cache
 
     all_questions = list(questions or []) + (plan.read_questions(questions_file) if questions_file else [])
     with prefill_display("prefill", live_enabled(quiet, json_output)) as on_event:
@@ -99,7 +117,17 @@ def ask(
             out.print(f"Q: {answer['question']}\nA: {answer['answer']}\n", markup=False)
         if not quiet:
             err.print(_stats_line(record["stats"]), markup=False)
+            _print_source(record)
     _print_warnings(record["warnings"], quiet or json_output)
+
+
+def _print_source(record: dict) -> None:
+    if record.get("cache") == "hit":
+        err.print(f"cache hit: answered from {record.get('source')} (no prefill)", markup=False)
+    elif record.get("cache") == "miss":
+        err.print("cache miss: prefilled and saved for next time", markup=False)
+    elif record.get("source"):
+        err.print(f"answered from {record['source']} (no prefill)", markup=False)
 
 
 @app.command()
@@ -111,6 +139,7 @@ def compare(
     methods: Annotated[str, typer.Option(
         "--methods", help="Comma-separated methods to run on the same frames (full always runs "
         f"as the reference), from: {method_names()}.")] = "full,window,statekv",
+    cache: CacheDir = None,
     json_output: Json = False, quiet: Quiet = False, debug: Debug = False, options: Any = None,
 ) -> None:
     """Run several methods on the same frames and compare answers, FLOPs, time and memory.
@@ -118,6 +147,8 @@ def compare(
     Example: statekv compare movie.mp4 "what happens?" --methods full,window,statekv --budget 4096
     """
     from statekv.commands import ask as library
+
+    options.cache = cache
 
     names = [m.strip() for m in methods.split(",") if m.strip()]
     live = live_enabled(quiet, json_output)
@@ -138,6 +169,9 @@ def compare(
         return
     out.print(_compare_table(record))
     _print_warnings(record.get("warnings", []), quiet)
+    for row in record["methods"]:
+        if row.get("cache") and not quiet:
+            err.print(f"{row['method']}: cache {row['cache']}", markup=False)
     for row in record["methods"]:
         _print_warnings([f"{row['method']}: {w}" for w in row["warnings"]], quiet)
 
@@ -201,6 +235,7 @@ def info(
         *[(f"LM prefill, {name}", format_flops(m["lm_prefill_flops"]))
           for name, m in predicted["methods"].items()],
         ("detailed cache", format_bytes(predicted["detailed_cache_bytes"])),
+        ("prefill file (statekv prefill)", format_bytes(predicted["prefill_file_bytes"])),
         ("weights", format_bytes(predicted["weights_bytes"])),
         ("peak memory (estimate)", format_bytes(predicted["peak_memory_bytes"])),
         *_context_rows(record.get("context")),

@@ -149,6 +149,11 @@ Device = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N o
 PinPrefix = Annotated[bool, typer.Option(
     "--pin-prefix", help="Keep the text prefix visible to every chunk, outside the budget.")]
 
+CacheDir = Annotated[str | None, typer.Option(
+    "--cache", help="Prefill cache folder: reuse a saved prefill of the same video with the "
+    "same settings, else prefill and save it (e.g. --cache ~/.cache/statekv; 'off' to disable). "
+    "Default: $STATEKV_CACHE, off when unset.")]
+
 
 def run_options(**kwargs: Any):
     from statekv.commands.plan import RunOptions

@@ -20,7 +20,7 @@ from rich.progress import (
 from rich.table import Table
 
 from statekv.units import format_flops, format_fraction, format_seconds
-from statekv_cli.options import Debug, Quiet, err, handle_errors, run_options_from_cli
+from statekv_cli.options import CacheDir, Debug, Quiet, err, handle_errors, run_options_from_cli
 from statekv_cli.progress import live_enabled
 
 
@@ -48,6 +48,7 @@ def summarize(
     ray_address: Annotated[str | None, typer.Option(
         "--ray-address", help="Connect to this Ray cluster (implies --ray), e.g. auto or "
         "ray://head:10001.")] = None,
+    cache: CacheDir = None,
     quiet: Quiet = False, debug: Debug = False, options: Any = None,
 ) -> None:
     """Summarise many videos: one prefill each, one JSON line per video, resumable.
@@ -59,6 +60,7 @@ def summarize(
     """
     from statekv.commands import summarize as batch
 
+    options.cache = cache
     options.validate()
     videos = batch.find_videos(paths, glob)
     if shard_spec:
@@ -103,6 +105,8 @@ def _batch_display(total: int, live: bool, quiet: bool) -> Iterator[tuple[Any, A
             stats = record["stats"]
             status = (f"ok, LM prefill {format_flops(stats['lm_prefill_flops'])} "
                       f"({format_fraction(stats['lm_flops_fraction'])} of full)")
+            if record.get("cache"):
+                status += f", cache {record['cache']}"
         else:
             status = f"error: {record['error']['type']}: {record['error']['message']}"
         err.print(f"[{counter['n']}/{total}] {path}: {status}", markup=False)

@@ -21,7 +21,13 @@ from statekv.session import Model, Session
 
 def ask(path: str, questions: list[str], options: RunOptions, model: Model | None = None,
         on_event: Callable[[PrefillEvent], None] | None = None) -> dict[str, Any]:
-    """`statekv ask`: one prefill, every answer; the record of docs/formats.md."""
+    """`statekv ask`: one prefill, every answer; the record of docs/formats.md. A prefill file
+    (.skv) is answered from without a prefill (commands/prefill.py ask_saved)."""
+    from statekv.commands.prefill import ask_saved, cache_fields
+    from statekv.saved import is_prefill_file
+
+    if is_prefill_file(path):
+        return ask_saved(path, questions, options, model)
     if not questions:
         raise UsageError("give at least one question (or --questions FILE)")
     run = plan_run(path, options)  # a bad file or option fails before the model loads
@@ -32,9 +38,10 @@ def ask(path: str, questions: list[str], options: RunOptions, model: Model | Non
         model, _ = load_model(options, resolved)
     session = prefill_video(model, resolved, options, path, resolved.method, on_event)
     answers = session.ask(questions, resolved.max_new_tokens)
-    return {"path": path, "settings": session.settings.to_dict(),
-            "answers": [a.to_dict() for a in answers], "stats": session.stats.to_dict(),
-            "warnings": session.warnings}
+    return cache_fields(session, {
+        "path": path, "settings": session.settings.to_dict(),
+        "answers": [a.to_dict() for a in answers], "stats": session.stats.to_dict(),
+        "warnings": session.warnings})
 
 
 def kl_divergence(reference: torch.Tensor, other: torch.Tensor) -> float:
@@ -84,9 +91,11 @@ def _shared_warnings(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def _compare_row(method, session, answer, full_answer) -> dict[str, Any]:
+    from statekv.commands.prefill import cache_fields
+
     stats = session.stats.to_dict()
     policy = session.state.cache.policy
-    return {"method": method, "budget": session.settings.budget,
+    return cache_fields(session, {"method": method, "budget": session.settings.budget,
             "window_frames": session.settings.window_frames,
             "window_tokens": policy.capacity if method == "window" else None,
             "answer": answer.answer,
@@ -94,13 +103,19 @@ def _compare_row(method, session, answer, full_answer) -> dict[str, Any]:
             "first_token_kl_vs_full": kl_divergence(full_answer.first_token_logprobs,
                                                     answer.first_token_logprobs),
             **{key: stats[key] for key in FLATTENED}, "stats": stats,
-            "warnings": session.warnings}
+            "warnings": session.warnings})
 
 
 def info(path: str, options: RunOptions) -> dict[str, Any]:
     """`statekv info`: the probe, what would be sampled, and predicted cost per method."""
+    from statekv.saved import header_bytes
+
+    if path.lower().endswith(".skv"):
+        raise UsageError(f"{path} is a prefill file; `statekv info` takes the video")
     run = plan_run(path, options)
     probe = run.probe
+    file_bytes = run.memory.detailed_cache_bytes + header_bytes(
+        run.layout.shape.layers, len(run.frames.indices))
     return {"path": path, "duration_seconds": probe.duration_seconds, "fps": probe.fps,
             "frame_count": probe.frame_count, "width": probe.width, "height": probe.height,
             "codec": probe.codec, "sampled_frames": len(run.frames.indices),
@@ -110,6 +125,7 @@ def info(path: str, options: RunOptions) -> dict[str, Any]:
             "context": run.context.to_dict() if run.context else None,
             "predicted": {"methods": {m: {"lm_prefill_flops": f} for m, f in run.flops.items()},
                           "detailed_cache_bytes": run.memory.detailed_cache_bytes,
+                          "prefill_file_bytes": file_bytes,
                           "weights_bytes": run.memory.weights_bytes,
                           "peak_memory_bytes": run.memory.peak_memory_bytes,
                           "available_memory_bytes": accounting.available_memory(run.device),

@@ -47,6 +47,7 @@ class RunOptions:
     trust_remote_code: bool = False
     backend: str = "auto"
     force: bool = False  # run even if the memory preflight says it will not fit
+    cache: str | None = None  # prefill cache folder (commands/cache.py); None: $STATEKV_CACHE
 
     def validate(self) -> None:
         """Reject bad values before any work (budget, window, frames >= 1)."""
@@ -114,7 +115,19 @@ def load_model(options: RunOptions, resolved: Resolved | None = None) -> tuple[M
 
 def prefill_video(model: Model, resolved: Resolved, options: RunOptions, path: str, method: str,
             on_event: Callable[[PrefillEvent], None] | None = None) -> Session:
-    """Prefill one video with `method` and the resolved options."""
+    """Prefill one video with `method` and the resolved options, through the prefill cache
+    when one is on (`options.cache` or $STATEKV_CACHE; then `session.cache` is hit/miss)."""
+    from statekv.commands.cache import cache_dir, cached_prefill
+
+    directory = cache_dir(options.cache)
+    run = lambda: _prefill(model, resolved, options, path, method, on_event)  # noqa: E731
+    if directory is None:
+        return run()
+    return cached_prefill(model, resolved, options, path, method, directory, run)
+
+
+def _prefill(model: Model, resolved: Resolved, options: RunOptions, path: str, method: str,
+             on_event: Callable[[PrefillEvent], None] | None = None) -> Session:
     return model.prefill(
         path, max_frames=resolved.max_frames, fps=resolved.fps, start=options.start,
         end=options.end, backend=options.backend, method=method, budget=resolved.budget,

@@ -343,6 +343,8 @@ def summarize_one(model: Any, resolved: Any, options: Any, path: str, prompt: st
         record.update(settings=dict(session.settings.to_dict(), prompt=prompt), status="ok",
                       summary=answer.answer, stats=session.stats.to_dict(),
                       warnings=list(session.warnings))
+        if session.cache is not None:
+            record["cache"] = record["stats"]["cache"] = session.cache
     except KeyboardInterrupt:
         raise
     except Exception as exc:  # noqa: BLE001 - one bad video must not end the batch

@@ -137,6 +137,18 @@ class VideoAdapter(ABC):
         first): what a length-dependent rotary embedding sees. 1-D positions: `tokens`."""
         return tokens
 
+    def answer_state(self) -> dict[str, Any]:
+        """What `text_chunk`/`token_chunk` read after the last chunk beyond `start()`'s plan,
+        as JSON-able values: saved with a prefill file so answers need no pixels."""
+        return {}
+
+    def resume(self, frame_count: int, timestamps: tuple[float, ...], prompt: PromptPieces,
+               frame_size: tuple[int, int] | None = None, duration: float | None = None,
+               state: dict[str, Any] | None = None) -> None:
+        """Get ready to answer over a saved prefill of a video, without its pixels: the plan
+        `start()` made, then `state` as `answer_state()` returned it after the last chunk."""
+        self.start(frame_count, timestamps, prompt, frame_size=frame_size, duration=duration)
+
     def tokenize(self, text: str) -> list[int]:
         """Token ids of `text` as the prompt uses it (no special tokens added)."""
         return self.tokenizer.encode(text, add_special_tokens=False)

@@ -62,6 +62,14 @@ class LlavaOnevisionAdapter(VideoAdapter):
             frames[-1] += 1
         return [len(self.tokenize(prompt.prefix))] + frames
 
+    def answer_state(self) -> dict:
+        return {"newline_pending": self._newline_pending}
+
+    def resume(self, frame_count, timestamps, prompt, frame_size=None, duration=None,
+               state=None) -> None:
+        super().resume(frame_count, timestamps, prompt, frame_size, duration, state)
+        self._newline_pending = bool((state or {}).get("newline_pending", False))
+
     # chunks ----------------------------------------------------------------------------
     def prefix_chunk(self) -> ChunkInputs:
         return self.token_chunk(self.tokenize(self._prompt.prefix), 0)

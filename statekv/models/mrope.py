@@ -135,6 +135,18 @@ class MRopeVideoAdapter(VideoAdapter):
             return tokens  # an upper bound: positions never run ahead of token indices
         return int(layout.positions.max()) + 1 + tokens - len(layout.ids)
 
+    def answer_state(self) -> dict[str, Any]:
+        # The question's positions come from the whole layout, planned from the decoded size.
+        return {"frame_size": list(self._layout.frame_size) if self._layout else None}
+
+    def resume(self, frame_count, timestamps, prompt, frame_size=None, duration=None,
+               state=None) -> None:
+        planned = (state or {}).get("frame_size")
+        super().resume(frame_count, timestamps, prompt, tuple(planned) if planned else frame_size,
+                       duration, state)
+        if planned and self._layout is None:
+            self._layout_for(int(planned[0]), int(planned[1]), 0)
+
     def layout_tokens(self, frame_count, timestamps, prompt, frame_size=None, duration=None) -> list[int] | None:
         """Prefix, then each frame's share of its temporal patch (a patch's tokens split over
         its two frames), from the frame size alone: no pixels, no weights."""
