@@ -105,7 +105,9 @@ class StateLayer(CacheLayerMixin):
         lo = self.pinned if first is None else min(start, max(self.pinned, first))
         if not self.answering:
             self.max_carried = max(self.max_carried, start - lo + self.pinned)
-        if lo == self.pinned or self.pinned == 0:  # one contiguous run: a view, no copy
+        if lo == self.pinned:  # the pinned prefix runs on into the recent part: one view
+            return self.keys[:, :, : self.seen], self.values[:, :, : self.seen]
+        if self.pinned == 0:  # nothing pinned: the recent part alone, a view
             return self.keys[:, :, lo: self.seen], self.values[:, :, lo: self.seen]
         pinned = slice(0, self.pinned)
         recent = slice(lo, self.seen)

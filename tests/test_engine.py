@@ -280,3 +280,22 @@ def test_bfloat16_stays_close_to_full_attention(tiny_internvl_dir, frames):
         expected_tail = expected[-logits.shape[0]:]
         relative = (logits - expected_tail).norm() / expected_tail.norm()
         assert relative.item() < 1e-2, (method, relative.item())
+
+
+@pytest.mark.parametrize("method", ["full", "window"])
+def test_a_pinned_prefix_stays_visible_to_chunks_and_answers(tiny_model, frames, method):
+    """Pinning changes nothing when the method keeps everything anyway: the prefix must be
+    seen by the first chunk after it and by every question (it once was dropped there)."""
+    reference = tiny_model.prefill_frames(frames, method="full").question_logits("what?")
+    pinned = tiny_model.prefill_frames(frames, method=method, window_frames=len(frames) + 1,
+                                       pin_prefix=True).question_logits("what?")
+    assert (pinned - reference).abs().max().item() < 1e-4
+
+
+def test_isolated_chunks_and_answers_see_the_prefix(tiny_model, frames):
+    """isolated keeps only the text prefix: its answer still attends to the prefix, so its
+    logits differ from a run whose answer could not see it, and one frame is exactly full."""
+    one = frames[:1]
+    isolated = tiny_model.prefill_frames(one, method="isolated").question_logits("what?")
+    full = tiny_model.prefill_frames(one, method="full").question_logits("what?")
+    assert (isolated - full).abs().max().item() < 1e-4
