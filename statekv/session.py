@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 import torch
 
-from statekv import accounting, video
+from statekv import accounting, threads as cpu_threads, video
 from statekv.answer import Answer, answer_question, question_logits
 from statekv.errors import UsageError
 from statekv.loading import load_weights, resolve_checkpoint, resolve_device, resolve_dtype
@@ -48,6 +48,7 @@ class Settings:
     device: str
     max_new_tokens: int
     seed: int
+    threads: int = 0  # torch CPU threads the prefill ran with (statekv.threads)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -146,10 +147,12 @@ class _VideoShape:
 class Model:
     """A loaded checkpoint and its family adapter; reuse it for every video."""
 
-    def __init__(self, adapter: VideoAdapter, name: str, revision: str | None = None) -> None:
+    def __init__(self, adapter: VideoAdapter, name: str, revision: str | None = None,
+                 threads: int | None = None) -> None:
         self.adapter = adapter
         self.name = name
         self.revision = revision
+        self.threads = threads  # CPU threads for every prefill (None: as torch is set)
 
     @property
     def device(self) -> torch.device:
@@ -248,12 +251,14 @@ class Model:
         policy, budget, window_frames = _policy(run.method, run.budget, run.window_frames,
                                                 shape.tokens_per_frame)
         _seed(run.seed)
+        if self.threads is not None:
+            cpu_threads.apply(self.threads)
         settings = Settings(
             model=self.name, model_revision=self.revision, family=self.family,
             method=policy.name, budget=budget, window_frames=window_frames,
             chunk_frames=run.chunk_frames, dtype=str(self.adapter.dtype).removeprefix("torch."),
             device=str(self.device), max_new_tokens=run.max_new_tokens, seed=run.seed,
-            **sampling)
+            threads=torch.get_num_threads(), **sampling)
         memory = accounting.PeakMemory(self.device)
         with memory:
             state = prefill_chunks(
@@ -315,8 +320,13 @@ def _seed(seed: int) -> None:
 
 
 def load(model: str, *, device: str = "auto", dtype: str = "auto", revision: str | None = None,
-         trust_remote_code: bool = False) -> Model:
-    """Load a checkpoint (hub id or local directory) with its family adapter."""
+         trust_remote_code: bool = False, threads: int | str | None = None) -> Model:
+    """Load a checkpoint (hub id or local directory) with its family adapter.
+
+    threads: torch CPU threads, N or "auto" (the cores this process may run on: affinity and
+    cgroup quota); None: STATEKV_THREADS, else OMP_NUM_THREADS, else auto (statekv.threads).
+    """
+    count = cpu_threads.apply(cpu_threads.resolve(threads))
     checkpoint = resolve_checkpoint(model, revision)
     torch_device = resolve_device(device)
     config, hf_model, processor = load_weights(
@@ -327,6 +337,6 @@ def load(model: str, *, device: str = "auto", dtype: str = "auto", revision: str
         from statekv.errors import ModelError
 
         raise ModelError(f"statekv cannot run {model}: {reason}")
-    return Model(adapter, model, revision)
+    return Model(adapter, model, revision, threads=count)
 
 

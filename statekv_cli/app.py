@@ -31,6 +31,7 @@ from statekv_cli.options import (
     Quiet,
     Seed,
     Start,
+    Threads,
     TrustRemoteCode,
     WindowFrames,
     emit_json,
@@ -100,6 +101,7 @@ def ask(
     seed: Seed = 0, json_output: Json = False, quiet: Quiet = False, debug: Debug = False,
     pin_prefix: PinPrefix = False, attention: Attention = "sdpa",
     trust_remote_code: TrustRemoteCode = False, force: Force = False,
+    threads: Threads = None,
 ) -> None:
     """Answer questions about a video: one prefill, then every question.
 
@@ -112,7 +114,7 @@ def ask(
         max_frames=max_frames, fps=fps, start=start, end=end, chunk_frames=chunk_frames,
         max_new_tokens=max_new_tokens, device=device, dtype=dtype, seed=seed,
         pin_prefix=pin_prefix, attention=attention, trust_remote_code=trust_remote_code,
-        force=force)
+        force=force, threads=threads)
     all_questions = list(questions or []) + (plan.read_questions(questions_file) if questions_file else [])
     with prefill_display("prefill", live_enabled(quiet, json_output)) as on_event:
         record = library.ask(video, all_questions, options, on_event=on_event)
@@ -141,6 +143,7 @@ def compare(
     seed: Seed = 0, json_output: Json = False, quiet: Quiet = False, debug: Debug = False,
     pin_prefix: PinPrefix = False, attention: Attention = "sdpa",
     trust_remote_code: TrustRemoteCode = False, force: Force = False,
+    threads: Threads = None,
 ) -> None:
     """Run several methods on the same frames and compare answers, FLOPs, time and memory.
 
@@ -153,7 +156,7 @@ def compare(
         max_frames=max_frames, fps=fps, start=start, end=end, chunk_frames=chunk_frames,
         max_new_tokens=max_new_tokens, device=device, dtype=dtype, seed=seed,
         pin_prefix=pin_prefix, attention=attention, trust_remote_code=trust_remote_code,
-        force=force)
+        force=force, threads=threads)
     names = [m.strip() for m in methods.split(",") if m.strip()]
     live = live_enabled(quiet, json_output)
     displays: list[Any] = []

@@ -17,6 +17,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from statekv_cli.options import Threads
 from statekv_cli.progress import flops, size
 
 out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 200)
@@ -50,8 +51,12 @@ def bench(
     tokens_per_frame: Annotated[int | None, typer.Option(
         "--tokens-per-frame", help="Visual tokens per frame. Default: the preset's.")] = None,
     chunk_frames: Annotated[int, typer.Option("--chunk-frames", help="Frames per chunk.")] = 1,
-    threads: Annotated[int | None, typer.Option(
-        "--threads", help="torch intra-op threads (default: one per core).")] = None,
+    threads: Threads = None,
+    under_load: Annotated[int | None, typer.Option(
+        "--under-load", help="Run every method and one plain transformers forward over the same "
+        "tokens quiet, then with K busy processes competing for the cores (started and stopped "
+        "here), side by side, and report each one's slowdown. Example: --under-load 2 "
+        "--preset smolvlm2-256m --frames 16 --methods statekv")] = None,
     analytic: Annotated[bool, typer.Option(
         "--analytic", help="No run: FLOPs and memory from the preset's architecture numbers "
         "(works for real checkpoints, e.g. --preset internvl3-8b --frames 512,3600).")] = False,
@@ -73,6 +78,13 @@ def bench(
     shown = not json_output
     progress = (lambda row: err.print(_row_line(row), markup=False)) if shown else None
     try:
+        if under_load is not None:
+            if analytic:
+                raise lib.UsageError("--under-load measures seconds; it cannot be --analytic")
+            _under_load(lib, preset, frame_counts, method_names, under_load, budget,
+                        window_frames, repeats, tokens_per_frame, chunk_frames, threads,
+                        json_output)
+            return
         if analytic:
             rows = lib.analytic_bench(preset, frame_counts, method_names, budget=budget,
                                       window_frames=window_frames,
@@ -98,6 +110,34 @@ def bench(
         sys.stdout.write(json.dumps([r.to_dict() for r in rows]) + "\n")
         return
     out.print(_table(rows, lib.speedups(rows), analytic))
+
+
+def _under_load(lib, preset, frames, methods, busy, budget, window_frames, repeats,
+                tokens_per_frame, chunk_frames, threads, json_output) -> None:
+    progress = None if json_output else (lambda row: err.print(
+        f"{row.frames} frames, {row.runner}: quiet {row.quiet_seconds:.3f} s, with {row.busy} "
+        f"busy {row.loaded_seconds:.3f} s ({row.slowdown:.2f}x)", markup=False))
+    rows = lib.load_bench(preset, frames, methods, busy, budget=budget,
+                          window_frames=window_frames, repeats=repeats,
+                          tokens_per_frame=tokens_per_frame, chunk_frames=chunk_frames,
+                          threads=threads, on_row=progress)
+    verdicts = lib.load_verdicts(rows)
+    if json_output:
+        sys.stdout.write(json.dumps({"rows": [r.to_dict() for r in rows],
+                                     "verdicts": verdicts}) + "\n")
+        return
+    table = Table(title=f"LM prefill under load: {busy} busy processes, {rows[0].threads} "
+                        f"threads, OpenMP wait {rows[0].openmp_wait_policy}")
+    for name in ("frames", "runner", "tokens", "quiet s", "loaded s", "slowdown"):
+        table.add_column(name, justify="right")
+    for r in rows:
+        table.add_row(str(r.frames), r.runner, str(r.tokens), f"{r.quiet_seconds:.3f}",
+                      f"{r.loaded_seconds:.3f}", f"{r.slowdown:.2f}x")
+    out.print(table)
+    for v in verdicts:
+        out.print(f"{v['frames']} frames, {v['method']}: slowdown {v['slowdown']:.2f}x against "
+                  f"transformers' {v['transformers_slowdown']:.2f}x (target at most "
+                  f"{v['limit']:.2f}x): {'within' if v['within'] else 'OVER'}", markup=False)
 
 
 def _row_line(row) -> str:

@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from statekv_cli.options import (
-    Debug, Device, Json, PinPrefix, Quiet, Seed, emit_json, err, handle_errors, out,
+    Debug, Device, Json, PinPrefix, Quiet, Seed, Threads, emit_json, err, handle_errors, out,
 )
 from statekv_cli.progress import flops
 
@@ -26,6 +26,7 @@ def demo(
     frames: Annotated[int, typer.Option("--frames", help="Length of the synthetic video (the model was trained on 32).")] = 32,
     seed: Seed = 0, method: DemoMethod = "statekv", budget: DemoBudget = 64,
     window_frames: DemoWindow = 16, pin_prefix: PinPrefix = False, device: Device = "cpu",
+    threads: Threads = None,
     events: Annotated[bool, typer.Option("--events", help="Also list what happens in the video.")] = False,
     json_output: Json = False, quiet: Quiet = False, debug: Debug = False,
 ) -> None:
@@ -39,7 +40,7 @@ def demo(
     from statekv.demo.evaluation import load_demo, run_demo
 
     result = run_demo(frames, seed, method, budget, window_frames, pin_prefix,
-                      model=load_demo(device))
+                      model=load_demo(device, threads))
     if json_output:
         emit_json(result.to_dict())
         return
@@ -93,8 +94,8 @@ def eval_(
     csv_path: Annotated[str | None, typer.Option("--csv", help="Write the table as CSV here.")] = None,
     plot_path: Annotated[str | None, typer.Option(
         "--plot", help="Write a PNG plot here: accuracy against LM prefill FLOPs (matplotlib).")] = None,
-    seed: Seed = 0, device: Device = "cpu", json_output: Json = False, quiet: Quiet = False,
-    debug: Debug = False,
+    seed: Seed = 0, device: Device = "cpu", threads: Threads = None, json_output: Json = False,
+    quiet: Quiet = False, debug: Debug = False,
 ) -> None:
     """Benchmark prefill methods against full attention on held-out synthetic videos.
 
@@ -108,7 +109,7 @@ def eval_(
     progress = None if quiet or json_output else (lambda msg: err.print(msg, markup=False))
     report = run_eval(_ints(lengths, "--lengths"), _ints(budgets, "--budgets"), videos, pin,
                       [m.strip() for m in methods.split(",") if m.strip()], seed,
-                      model=load_demo(device), on_progress=progress)
+                      model=load_demo(device, threads), on_progress=progress)
     if csv_path:
         write_csv(report.rows, csv_path)
     if plot_path:

@@ -56,6 +56,10 @@ TrustRemoteCode = Annotated[bool, typer.Option(
     "--trust-remote-code", help="Allow a checkpoint's own Python code to run (off by default).")]
 Force = Annotated[bool, typer.Option(
     "--force", help="Run even though the memory preflight says it will not fit.")]
+Threads = Annotated[str | None, typer.Option(
+    "--threads", help="CPU threads: N, or auto = the cores this process may use (affinity, "
+    "cgroup quota). Default: $STATEKV_THREADS, else $OMP_NUM_THREADS, else auto. "
+    "Example: --threads 1 on a busy laptop.")]
 
 
 def run_options(**kwargs: Any):

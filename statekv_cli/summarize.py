@@ -38,6 +38,7 @@ from statekv_cli.options import (
     Quiet,
     Seed,
     Start,
+    Threads,
     TrustRemoteCode,
     WindowFrames,
     err,
@@ -77,6 +78,7 @@ def summarize(
     seed: Seed = 0, quiet: Quiet = False, debug: Debug = False,
     pin_prefix: PinPrefix = False, attention: Attention = "sdpa",
     trust_remote_code: TrustRemoteCode = False, force: Force = False,
+    threads: Threads = None,
 ) -> None:
     """Summarise many videos: one prefill each, one JSON line per video, resumable.
 
@@ -92,7 +94,7 @@ def summarize(
         max_frames=max_frames, fps=fps, start=start, end=end, chunk_frames=chunk_frames,
         max_new_tokens=max_new_tokens, device=device, dtype=dtype, seed=seed,
         pin_prefix=pin_prefix, attention=attention, trust_remote_code=trust_remote_code,
-        force=force)
+        force=force, threads=threads)
     options.validate()
     videos = batch.find_videos(paths, glob)
     if shard_spec:

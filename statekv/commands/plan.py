@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import torch
 
-from statekv import accounting, video
+from statekv import accounting, threads as cpu_threads, video
 from statekv.units import format_bytes
 from statekv.errors import UsageError
 from statekv.policies import check_method, make_policy
@@ -46,6 +46,7 @@ class RunOptions:
     trust_remote_code: bool = False
     backend: str = "auto"
     force: bool = False  # run even if the memory preflight says it will not fit
+    threads: int | str | None = None  # CPU threads: N, "auto", None = STATEKV_THREADS or auto
 
     def validate(self) -> None:
         """Reject bad values before any work (CONTRACTS.md: budget, window, frames >= 1)."""
@@ -64,6 +65,7 @@ class RunOptions:
             check_method(self.method)
         if self.attention not in ("sdpa", "eager"):
             raise UsageError(f"unknown attention {self.attention!r}; use sdpa or eager")
+        cpu_threads.check(self.threads)
 
 
 @dataclass
@@ -105,7 +107,7 @@ def load_model(options: RunOptions, resolved: Resolved | None = None) -> tuple[M
     resolved = resolved or resolve(options)
     model = load(resolved.model, device=options.device, dtype=resolved.dtype,
                  revision=resolved.preset.revision if not options.model else None,
-                 trust_remote_code=options.trust_remote_code)
+                 trust_remote_code=options.trust_remote_code, threads=options.threads)
     return model, resolved
 
 

@@ -37,11 +37,11 @@ def demo_checkpoint() -> str:
     return bundled_checkpoint(DEMO_MODEL)
 
 
-def load_demo(device: str = "cpu"):
-    """The demo model, loaded like any checkpoint (float32)."""
+def load_demo(device: str = "cpu", threads: int | str | None = None):
+    """The demo model, loaded like any checkpoint (float32); `threads` as for statekv.load."""
     from statekv.session import load
 
-    return load(DEMO_MODEL, device=device, dtype="float32")
+    return load(DEMO_MODEL, device=device, dtype="float32", threads=threads)
 
 
 # demo ---------------------------------------------------------------------------------------

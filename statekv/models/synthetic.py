@@ -91,6 +91,15 @@ class SyntheticAdapter(VideoAdapter):
         ids = [0] * embeds.shape[1]
         return ChunkInputs(ids, embeds, _positions(offset, len(ids), self.device), frames=len(frames))
 
+    def whole_video(self, frame_count: int) -> ChunkInputs:
+        """The prefix and `frame_count` frames as one input, the same embeddings the chunks
+        carry: what a single full forward over the whole video would be fed."""
+        prefix = self.prefix_chunk()
+        frames = self.video_chunk(range(frame_count), 0, self.prefix_tokens)
+        embeds = torch.cat([prefix.inputs_embeds, frames.inputs_embeds], dim=1)
+        ids = prefix.token_ids + frames.token_ids
+        return ChunkInputs(ids, embeds, _positions(0, len(ids), self.device), frames=frame_count)
+
     def text_chunk(self, text: str, offset: int) -> ChunkInputs:
         return self.token_chunk([0] * max(1, len(text.split())), offset)
 
