@@ -323,10 +323,13 @@ def load(model: str, *, device: str = "auto", dtype: str = "auto", revision: str
          trust_remote_code: bool = False, threads: int | str | None = None) -> Model:
     """Load a checkpoint (hub id or local directory) with its family adapter.
 
-    threads: torch CPU threads, N or "auto" (the cores this process may run on: affinity and
-    cgroup quota); None: STATEKV_THREADS, else OMP_NUM_THREADS, else auto (statekv.threads).
+    threads: torch CPU threads for every prefill of this model, N or "auto" (the cores this
+    process may run on: affinity and cgroup quota); None: STATEKV_THREADS if set, else torch
+    is left as it is (statekv.threads). `settings.threads` records what each prefill used.
     """
-    count = cpu_threads.apply(cpu_threads.resolve(threads))
+    count = cpu_threads.requested(threads)
+    if count is not None:
+        cpu_threads.apply(count)
     checkpoint = resolve_checkpoint(model, revision)
     torch_device = resolve_device(device)
     config, hf_model, processor = load_weights(

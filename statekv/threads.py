@@ -6,8 +6,10 @@
 `auto` counts the cores this process may actually use: its CPU affinity (what `taskset`,
 SLURM's `--cpus-per-task` or a container's cpuset allow) capped by its cgroup CPU quota
 (cgroup v2 `cpu.max`, v1 `cpu.cfs_quota_us` / `cpu.cfs_period_us`), never the machine's core
-count. Without an explicit value the order is: the `threads=` argument or `--threads`, then
-`STATEKV_THREADS`, then `OMP_NUM_THREADS`, then `auto`.
+count. The command line's order is: `--threads`, then `STATEKV_THREADS`, then
+`OMP_NUM_THREADS`, then `auto` (`resolve`); the Python API (`statekv.load(threads=...)`)
+applies its argument or `STATEKV_THREADS` and otherwise leaves torch as the caller set it
+(`requested`).
 
 Why the wait policy matters. torch's CPU kernels run in OpenMP parallel regions (GNU
 libgomp in the pip wheels, which MKL's matrix products share). At the end of each region
@@ -189,6 +191,17 @@ def resolve(value: int | str | None = None, environ: dict[str, str] | None = Non
     if omp.isdigit() and int(omp) >= 1:
         return int(omp)
     return available_cores()
+
+
+def requested(value: int | str | None = None, environ: dict[str, str] | None = None) -> int | None:
+    """What the Python API applies: `value` (N or "auto"), else STATEKV_THREADS, else None
+    (leave torch's threads as the caller set them)."""
+    environ = os.environ if environ is None else environ
+    if value is not None:
+        return parse(value)
+    if environ.get(ENV, "").strip():
+        return parse(environ[ENV], option=ENV)
+    return None
 
 
 def check(value: int | str | None) -> None:

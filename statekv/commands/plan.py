@@ -107,7 +107,8 @@ def load_model(options: RunOptions, resolved: Resolved | None = None) -> tuple[M
     resolved = resolved or resolve(options)
     model = load(resolved.model, device=options.device, dtype=resolved.dtype,
                  revision=resolved.preset.revision if not options.model else None,
-                 trust_remote_code=options.trust_remote_code, threads=options.threads)
+                 trust_remote_code=options.trust_remote_code,
+                 threads=cpu_threads.resolve(options.threads))
     return model, resolved
 
 

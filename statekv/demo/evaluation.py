@@ -38,10 +38,12 @@ def demo_checkpoint() -> str:
 
 
 def load_demo(device: str = "cpu", threads: int | str | None = None):
-    """The demo model, loaded like any checkpoint (float32); `threads` as for statekv.load."""
+    """The demo model, loaded like any checkpoint (float32), with `threads` CPU threads as the
+    command line resolves them (N, "auto"; None: STATEKV_THREADS, OMP_NUM_THREADS, auto)."""
+    from statekv import threads as cpu_threads
     from statekv.session import load
 
-    return load(DEMO_MODEL, device=device, dtype="float32", threads=threads)
+    return load(DEMO_MODEL, device=device, dtype="float32", threads=cpu_threads.resolve(threads))
 
 
 # demo ---------------------------------------------------------------------------------------
