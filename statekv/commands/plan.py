@@ -46,7 +46,7 @@ class RunOptions:
     trust_remote_code: bool = False
     backend: str = "auto"
     force: bool = False  # run even if the memory preflight says it will not fit
-    threads: int | str | None = None  # CPU threads: N, "auto", None = STATEKV_THREADS or auto
+    threads: int | str | None = None  # N, "auto"; None: STATEKV_THREADS, OMP_NUM_THREADS, auto
 
     def validate(self) -> None:
         """Reject bad values before any work (CONTRACTS.md: budget, window, frames >= 1)."""
