@@ -57,7 +57,7 @@ TrustRemoteCode = Annotated[bool, typer.Option(
 Force = Annotated[bool, typer.Option(
     "--force", help="Run even though the memory preflight says it will not fit.")]
 Threads = Annotated[str | None, typer.Option(
-    "--threads", help="CPU threads: N, or auto = the cores this process may use (affinity, "
+    "--threads", metavar="N|auto", help="CPU threads: N, or auto = the cores this process may use (affinity, "
     "cgroup quota). Default: $STATEKV_THREADS, else $OMP_NUM_THREADS, else auto. "
     "Example: --threads 1 on a busy laptop.")]
 
