@@ -14,6 +14,12 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+# Before anything imports torch: OpenMP threads that sleep rather than spin while waiting keep
+# the chunked prefill fast when other processes share the CPU (see statekv/threads.py).
+from statekv import threads as _threads  # noqa: E402
+
+_threads.prepare_openmp()
+
 __version__ = "0.1.0.dev0"
 
 _EXPORTS = {

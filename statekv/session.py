@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 import torch
 
-from statekv import accounting, video
+from statekv import accounting, threads as cpu_threads, video
 from statekv.answer import Answer, answer_question, question_logits
 from statekv.context import Context, check_question, context_of, frames_that_fit, trained_positions
 from statekv.errors import UsageError
@@ -50,6 +50,7 @@ class Settings:
     device: str
     max_new_tokens: int
     seed: int
+    threads: int = 0  # torch CPU threads the prefill ran with (statekv.threads)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -186,11 +187,12 @@ class Model:
     """A loaded checkpoint and its family adapter; reuse it for every video."""
 
     def __init__(self, adapter: VideoAdapter, name: str, revision: str | None = None,
-                 checkpoint: str | None = None) -> None:
+                 checkpoint: str | None = None, threads: int | None = None) -> None:
         self.adapter = adapter
         self.name = name
         self.revision = revision
         self.checkpoint = checkpoint  # the local directory the weights came from, if any
+        self.threads = threads  # CPU threads for every prefill (None: as torch is set)
         self._weights_hash: str | None = None
 
     @property
@@ -379,12 +381,14 @@ class Model:
         policy, budget, window_frames = _policy(run.method, run.budget, run.window_frames,
                                                 shape.tokens_per_frame, layout)
         _seed(run.seed)
+        if self.threads is not None:
+            cpu_threads.apply(self.threads)
         settings = Settings(
             model=self.name, model_revision=self.revision, family=self.family,
             method=policy.name, budget=budget, window_frames=window_frames,
             chunk_frames=run.chunk_frames, dtype=str(self.adapter.dtype).removeprefix("torch."),
             device=str(self.device), max_new_tokens=run.max_new_tokens, seed=run.seed,
-            **sampling)
+            threads=torch.get_num_threads(), **sampling)
         memory = accounting.PeakMemory(self.device)
         with memory:
             state = prefill_chunks(
@@ -453,8 +457,16 @@ def _seed(seed: int) -> None:
 
 
 def load(model: str, *, device: str = "auto", dtype: str = "auto", revision: str | None = None,
-         trust_remote_code: bool = False) -> Model:
-    """Load a checkpoint (hub id or local directory) with its family adapter."""
+         trust_remote_code: bool = False, threads: int | str | None = None) -> Model:
+    """Load a checkpoint (hub id or local directory) with its family adapter.
+
+    threads: torch CPU threads for every prefill of this model, N or "auto" (the cores this
+    process may run on: affinity and cgroup quota); None: STATEKV_THREADS if set, else torch
+    is left as it is (statekv.threads). `settings.threads` records what each prefill used.
+    """
+    count = cpu_threads.requested(threads)
+    if count is not None:
+        cpu_threads.apply(count)
     checkpoint = resolve_checkpoint(model, revision)
     torch_device = resolve_device(device)
     config, hf_model, processor = load_weights(
@@ -465,6 +477,6 @@ def load(model: str, *, device: str = "auto", dtype: str = "auto", revision: str
         from statekv.errors import ModelError
 
         raise ModelError(f"statekv cannot run {model}: {reason}")
-    return Model(adapter, model, revision, checkpoint)
+    return Model(adapter, model, revision, checkpoint, threads=count)
 
 

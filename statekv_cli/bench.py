@@ -13,8 +13,9 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from statekv.units import format_bytes as size, format_flops as flops
+from statekv.units import format_bytes as size, format_flops as flops, format_seconds
 from statekv_cli.options import Debug, emit_json, err, handle_errors, method_names, out
+from statekv_cli.options import Threads
 
 
 def _ints(text: str, option: str) -> list[int]:
@@ -45,8 +46,12 @@ def bench(
     tokens_per_frame: Annotated[int | None, typer.Option(
         "--tokens-per-frame", help="Visual tokens per frame. Default: the preset's.")] = None,
     chunk_frames: Annotated[int, typer.Option("--chunk-frames", help="Frames per chunk.")] = 1,
-    threads: Annotated[int | None, typer.Option(
-        "--threads", help="torch intra-op threads (default: one per core).")] = None,
+    threads: Threads = None,
+    under_load: Annotated[int | None, typer.Option(
+        "--under-load", help="Run every method and one plain transformers forward over the same "
+        "tokens quiet, then with K busy processes competing for the cores (started and stopped "
+        "here), side by side, and report each one's slowdown. Example: --under-load 2 "
+        "--preset smolvlm2-256m --frames 16 --methods statekv")] = None,
     analytic: Annotated[bool, typer.Option(
         "--analytic", help="No run: FLOPs and memory from the preset's architecture numbers "
         "(works for real checkpoints, e.g. --preset internvl3-8b --frames 512,3600).")] = False,
@@ -66,6 +71,13 @@ def bench(
     method_names = [m.strip() for m in methods.split(",") if m.strip()]
     shown = not json_output
     progress = (lambda row: err.print(_row_line(row), markup=False)) if shown else None
+    if under_load is not None:
+        if analytic:
+            raise lib.UsageError("--under-load measures seconds; it cannot be --analytic")
+        _under_load(lib, preset, frame_counts, method_names, under_load, budget,
+                    window_frames, repeats, tokens_per_frame, chunk_frames, threads,
+                    json_output)
+        return
     if analytic:
         rows = lib.analytic_bench(preset, frame_counts, method_names, budget=budget,
                                   window_frames=window_frames,
@@ -83,6 +95,33 @@ def bench(
         emit_json([r.to_dict() for r in rows])
         return
     out.print(_table(rows, lib.speedups(rows), analytic))
+
+
+def _under_load(lib, preset, frames, methods, busy, budget, window_frames, repeats,
+                tokens_per_frame, chunk_frames, threads, json_output) -> None:
+    progress = None if json_output else (lambda row: err.print(
+        f"{row.frames} frames, {row.runner}: quiet {format_seconds(row.quiet_seconds)}, with "
+        f"{row.busy} busy {format_seconds(row.loaded_seconds)} ({row.slowdown:.2f}x)", markup=False))
+    rows = lib.load_bench(preset, frames, methods, busy, budget=budget,
+                          window_frames=window_frames, repeats=repeats,
+                          tokens_per_frame=tokens_per_frame, chunk_frames=chunk_frames,
+                          threads=threads, on_row=progress)
+    verdicts = lib.load_verdicts(rows)
+    if json_output:
+        emit_json({"rows": [r.to_dict() for r in rows], "verdicts": verdicts})
+        return
+    table = Table(title=f"LM prefill under load: {busy} busy processes, {rows[0].threads} "
+                        f"threads, OpenMP wait {rows[0].openmp_wait_policy}")
+    for name in ("frames", "runner", "tokens", "quiet s", "loaded s", "slowdown"):
+        table.add_column(name, justify="right")
+    for r in rows:
+        table.add_row(str(r.frames), r.runner, str(r.tokens), format_seconds(r.quiet_seconds),
+                      format_seconds(r.loaded_seconds), f"{r.slowdown:.2f}x")
+    out.print(table)
+    for v in verdicts:
+        out.print(f"{v['frames']} frames, {v['method']}: slowdown {v['slowdown']:.2f}x against "
+                  f"transformers' {v['transformers_slowdown']:.2f}x (target at most "
+                  f"{v['limit']:.2f}x): {'within' if v['within'] else 'OVER'}", markup=False)
 
 
 def _row_line(row) -> str:

@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from statekv_cli.options import (
-    Debug, Device, Json, PinPrefix, Quiet, Seed, emit_json, err, handle_errors, method_names, out,
+    Debug, Device, Json, PinPrefix, Quiet, Seed, Threads, emit_json, err, handle_errors, method_names, out,
     run_options_from_cli,
 )
 from statekv.units import format_flops as flops, format_fraction
@@ -27,6 +27,7 @@ def demo(
     frames: Annotated[int, typer.Option("--frames", help="Length of the synthetic video (the model was trained on 32).")] = 32,
     seed: Seed = 0, method: DemoMethod = "statekv", budget: DemoBudget = 64,
     window_frames: DemoWindow = 16, pin_prefix: PinPrefix = False, device: Device = "cpu",
+    threads: Threads = None,
     events: Annotated[bool, typer.Option("--events", help="Also list what happens in the video.")] = False,
     json_output: Json = False, quiet: Quiet = False, debug: Debug = False,
 ) -> None:
@@ -40,7 +41,7 @@ def demo(
     from statekv.demo.evaluation import load_demo, run_demo
 
     result = run_demo(frames, seed, method, budget, window_frames, pin_prefix,
-                      model=load_demo(device))
+                      model=load_demo(device, threads))
     if json_output:
         emit_json(result.to_dict())
         return
@@ -126,7 +127,7 @@ def eval_(
     seed: Seed = 0, device: Annotated[str | None, typer.Option(
         "--device", help="auto, cpu, cuda, cuda:N or mps. Default: cpu for the demo, auto "
         "with --benchmark.")] = None,
-    json_output: Json = False, quiet: Quiet = False,
+    threads: Threads = None, json_output: Json = False, quiet: Quiet = False,
     debug: Debug = False, options: Any = None,
 ) -> None:
     """Benchmark prefill methods against full attention on held-out synthetic videos, or
@@ -150,6 +151,7 @@ def eval_(
         from statekv_cli import benchmark as rendering
 
         options.max_new_tokens, options.device, options.seed = max_new_tokens, device or "auto", seed
+        options.threads = threads
         rendering.run(benchmark, data, out_path, methods, limit, shard_spec, redo, use_ray,
                       ray_address, options, json_output, quiet)
         return
@@ -159,7 +161,7 @@ def eval_(
     progress = None if quiet or json_output else (lambda msg: err.print(msg, markup=False))
     report = run_eval(_ints(lengths, "--lengths"), _ints(budgets, "--budgets"), videos, pin,
                       [m.strip() for m in methods.split(",") if m.strip()], seed,
-                      model=load_demo(device or "cpu"), on_progress=progress)
+                      model=load_demo(device or "cpu", threads), on_progress=progress)
     if csv_path:
         write_csv(report.rows, csv_path)
     if plot_path:

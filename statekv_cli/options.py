@@ -108,6 +108,10 @@ RUN_OPTIONS: dict[str, tuple[Any, Any, Any]] = {
         "default)."), False),
     "force": (bool, typer.Option(
         "--force", help="Run even though the memory preflight says it will not fit."), False),
+    "threads": (str | None, typer.Option(
+        "--threads", metavar="N|auto", help="CPU threads: N, or auto = the cores this process "
+        "may use (affinity, cgroup quota). Default: $STATEKV_THREADS, else $OMP_NUM_THREADS, "
+        "else auto. Example: --threads 1 on a busy laptop."), None),
 }
 ALL_RUN_OPTIONS = tuple(RUN_OPTIONS)
 
@@ -140,6 +144,8 @@ def run_options_from_cli(*names: str) -> Callable[[Callable], Callable]:
 
 
 # Options of the commands themselves (not run settings) ---------------------------------
+_THREADS_TYPE, _THREADS_OPTION, _ = RUN_OPTIONS["threads"]
+Threads = Annotated[_THREADS_TYPE, _THREADS_OPTION]  # for bench and demo, which take it alone
 Json = Annotated[bool, typer.Option(
     "--json", help="Print one JSON record on stdout (formats: docs/formats.md).")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or summary on stderr.")]

@@ -15,7 +15,7 @@ import gc
 import math
 import statistics
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -169,19 +169,20 @@ def run_bench(
     dtype: str = "float32",
     device: str = "cpu",
     seed: int = 0,
-    threads: int | None = None,
+    threads: int | str | None = None,
     warmup: bool = True,
     on_row: Callable[[BenchRow], None] | None = None,
 ) -> list[BenchRow]:
     """Time the LM prefill of synthetic frames for every (frames, method); one row each.
 
     Budget and window default to the preset's (or 4096 tokens / 16 frames for a bare
-    Architecture); tokens per frame to the architecture's. `threads` sets torch's intra-op
-    threads for the run (None: torch's default, one per core).
+    Architecture); tokens per frame to the architecture's. `threads` sets torch's threads
+    for the run: N or "auto"; None: STATEKV_THREADS, else OMP_NUM_THREADS, else auto.
     """
+    from statekv import threads as cpu_threads
+
     previous = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
+    cpu_threads.apply(cpu_threads.resolve(threads))
     try:
         return _run_bench(preset_or_arch, frames, methods, budget, window_frames, repeats,
                           tokens_per_frame, chunk_frames, attention, dtype, device, seed,
@@ -231,6 +232,191 @@ def _check(frames, methods, budget, window_frames, repeats, tokens_per_frame, ch
                         ("--chunk-frames", chunk_frames)):
         if value < 1:
             raise UsageError(f"{name} must be at least 1, got {value}")
+
+
+# under load: quiet against loaded, statekv against one transformers forward ------------------
+# A busy process: spins until its deadline (so it ends by itself even if statekv is killed).
+BUSY_LOOP = "import sys, time\nend = time.time() + float(sys.argv[1])\nwhile time.time() < end: pass\n"
+TRANSFORMERS = "transformers"  # the runner name of the single full forward
+
+
+@dataclass
+class LoadRow:
+    """One runner at one frame count, quiet and with `busy` competing processes, side by side.
+
+    runner: a method run through statekv's chunked prefill, or "transformers" (one forward
+    over all tokens with sdpa attention). slowdown = loaded median / quiet median."""
+
+    frames: int
+    runner: str
+    tokens: int
+    threads: int
+    busy: int
+    quiet_seconds: float
+    loaded_seconds: float
+    slowdown: float
+    quiet_seconds_runs: list[float] = field(default_factory=list)
+    loaded_seconds_runs: list[float] = field(default_factory=list)
+    openmp_wait_policy: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class BusyProcesses:
+    """`count` CPU-bound Python processes for the length of a `with` block (at most
+    `seconds`: each also stops by itself then). Always stopped on exit, Ctrl-C included."""
+
+    def __init__(self, count: int, seconds: float = 600.0) -> None:
+        self.count, self.seconds = count, seconds
+        self.processes: list[Any] = []
+
+    def __enter__(self) -> "BusyProcesses":
+        import subprocess
+        import sys
+
+        try:
+            for _ in range(self.count):
+                self.processes.append(subprocess.Popen(
+                    [sys.executable, "-c", BUSY_LOOP, str(self.seconds)],
+                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            time.sleep(0.2)  # let them reach their loop before the clock starts
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        for process in self.processes:
+            if process.poll() is None:
+                process.kill()
+        for process in self.processes:
+            process.wait()
+        self.processes = []
+
+
+def transformers_forward(adapter: SyntheticAdapter, frame_count: int) -> float:
+    """Seconds of one plain transformers forward (sdpa) over the prefix and every frame at once:
+    the same tokens and embeddings the chunked prefill gets, no statekv code on the path."""
+    inputs = adapter.whole_video(frame_count)
+    model = adapter.language_model
+    previous = model.config._attn_implementation
+    model.set_attn_implementation("sdpa")
+    try:
+        with torch.inference_mode():
+            started = time.perf_counter()
+            model(inputs_embeds=inputs.inputs_embeds, position_ids=inputs.position_ids,
+                  use_cache=False)
+            return time.perf_counter() - started
+    finally:
+        model.set_attn_implementation(previous)
+
+
+def load_bench(
+    preset_or_arch: str | Preset | Architecture = "bench-tiny",
+    frames: Sequence[int] = (16,),
+    methods: Sequence[str] = ("statekv",),
+    busy: int = 2,
+    *,
+    budget: int | None = None,
+    window_frames: int | None = None,
+    repeats: int = 3,
+    tokens_per_frame: int | None = None,
+    chunk_frames: int = 1,
+    attention: str = "sdpa",
+    seed: int = 0,
+    threads: int | str | None = None,
+    busy_seconds: float = 600.0,
+    on_row: Callable[[LoadRow], None] | None = None,
+) -> list[LoadRow]:
+    """statekv's LM prefill and transformers' single forward, quiet and under load.
+
+    For every frame count, each repeat runs every runner quiet, then starts `busy` spinning
+    processes and runs them all again, then stops the processes: quiet and loaded runs are
+    back to back, so a machine whose background load drifts affects both alike. Seconds are
+    medians over `repeats`. The busy processes live only while their runs do (each at most
+    `busy_seconds`) and are killed on any exit, Ctrl-C included.
+    """
+    from statekv import threads as cpu_threads
+
+    if busy < 0:
+        raise UsageError(f"--under-load must be at least 0 busy processes, got {busy}")
+    count = cpu_threads.resolve(threads)
+    arch, preset = resolve_architecture(preset_or_arch)
+    budget = budget or (preset.budget if preset else 4096)
+    window_frames = window_frames or (preset.window_frames if preset else 16)
+    tokens_per_frame = tokens_per_frame or arch.tokens_per_frame
+    _check(frames, methods, budget, window_frames, repeats, tokens_per_frame, chunk_frames)
+    previous = torch.get_num_threads()
+    cpu_threads.apply(count)
+    try:
+        model = build_language_model(arch, torch.float32, "cpu", seed)
+        adapter = SyntheticAdapter(model, tokens_per_frame, seed=seed)
+        runners: dict[str, Callable[[int], float]] = {
+            method: _prefill_runner(adapter, _policy(method, budget, window_frames,
+                                                     tokens_per_frame), chunk_frames, attention)
+            for method in methods}
+        runners[TRANSFORMERS] = lambda n: transformers_forward(adapter, n)
+        for runner in runners.values():  # warm up: allocation and kernel choice off the clock
+            runner(min(4, min(frames)))
+        rows = []
+        for frame_count in frames:
+            quiet: dict[str, list[float]] = {name: [] for name in runners}
+            loaded: dict[str, list[float]] = {name: [] for name in runners}
+            for _ in range(repeats):
+                for name, runner in runners.items():
+                    quiet[name].append(runner(frame_count))
+                with BusyProcesses(busy, busy_seconds):
+                    for name, runner in runners.items():
+                        loaded[name].append(runner(frame_count))
+            for name in runners:
+                row = _load_row(frame_count, name, PREFIX_TOKENS + frame_count * tokens_per_frame,
+                                count, busy, quiet[name], loaded[name])
+                rows.append(row)
+                if on_row is not None:
+                    on_row(row)
+        return rows
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _prefill_runner(adapter, policy, chunk_frames, attention) -> Callable[[int], float]:
+    def run(frame_count: int) -> float:
+        gc.collect()
+        result = prefill_chunks(adapter, synthetic_chunks(frame_count, chunk_frames), policy,
+                                frame_count=frame_count, timestamps=(), attention=attention)
+        return result.seconds.get("lm_prefill_seconds", 0.0)
+    return run
+
+
+def _load_row(frames, runner, tokens, threads, busy, quiet, loaded) -> LoadRow:
+    from statekv import threads as cpu_threads
+
+    quiet_median, loaded_median = statistics.median(quiet), statistics.median(loaded)
+    return LoadRow(frames=frames, runner=runner, tokens=tokens, threads=threads, busy=busy,
+                   quiet_seconds=quiet_median, loaded_seconds=loaded_median,
+                   slowdown=loaded_median / quiet_median if quiet_median > 0 else math.nan,
+                   quiet_seconds_runs=[round(t, 4) for t in quiet],
+                   loaded_seconds_runs=[round(t, 4) for t in loaded],
+                   openmp_wait_policy=cpu_threads.openmp_wait_policy())
+
+
+def load_verdicts(rows: Sequence[LoadRow], allowance: float = 1.5) -> list[dict[str, Any]]:
+    """Per (frames, method): statekv's slowdown against transformers' at the same frame count,
+    and whether it stays within `allowance` x transformers' (the issue's target: +50%)."""
+    reference = {r.frames: r.slowdown for r in rows if r.runner == TRANSFORMERS}
+    verdicts = []
+    for r in rows:
+        if r.runner == TRANSFORMERS or r.frames not in reference:
+            continue
+        limit = reference[r.frames] * allowance
+        verdicts.append({"frames": r.frames, "method": r.runner, "slowdown": r.slowdown,
+                         "transformers_slowdown": reference[r.frames], "limit": limit,
+                         "within": r.slowdown <= limit})
+    return verdicts
 
 
 # analytic mode -----------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import torch
 
-from statekv import accounting, video
+from statekv import accounting, threads as cpu_threads, video
 from statekv.context import Context, check_question, context_of, frames_that_fit, trained_positions
 from statekv.units import format_bytes
 from statekv.errors import UsageError
@@ -48,6 +48,7 @@ class RunOptions:
     backend: str = "auto"
     force: bool = False  # run even if the memory preflight says it will not fit
     cache: str | None = None  # prefill cache folder (commands/cache.py); None: $STATEKV_CACHE
+    threads: int | str | None = None  # N, "auto"; None: STATEKV_THREADS, OMP_NUM_THREADS, auto
 
     def validate(self) -> None:
         """Reject bad values before any work (budget, window, frames >= 1)."""
@@ -68,6 +69,7 @@ class RunOptions:
             check_method(self.method)
         if self.attention not in ("sdpa", "eager"):
             raise UsageError(f"unknown attention {self.attention!r}; use sdpa or eager")
+        cpu_threads.check(self.threads)
 
 
 @dataclass
@@ -109,7 +111,8 @@ def load_model(options: RunOptions, resolved: Resolved | None = None) -> tuple[M
     resolved = resolved or resolve(options)
     model = load(resolved.model, device=options.device, dtype=resolved.dtype,
                  revision=resolved.preset.revision if not options.model else None,
-                 trust_remote_code=options.trust_remote_code)
+                 trust_remote_code=options.trust_remote_code,
+                 threads=cpu_threads.resolve(options.threads))
     return model, resolved
 
 

@@ -12,16 +12,15 @@ from __future__ import annotations
 
 import csv
 import math
-from dataclasses import asdict, dataclass, field
-from importlib import resources
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 
 from statekv.demo import synthetic
-from statekv.errors import ModelError, UsageError
+from statekv.errors import UsageError
 from statekv.policies import BENCHMARK_METHODS, Policy, make_policy
 
 DEMO_MODEL = "statekv/demo"  # the preset's `model`; resolve_checkpoint maps it to the folder
@@ -37,11 +36,13 @@ def demo_checkpoint() -> str:
     return bundled_checkpoint(DEMO_MODEL)
 
 
-def load_demo(device: str = "cpu"):
-    """The demo model, loaded like any checkpoint (float32)."""
+def load_demo(device: str = "cpu", threads: int | str | None = None):
+    """The demo model, loaded like any checkpoint (float32), with `threads` CPU threads as the
+    command line resolves them (N, "auto"; None: STATEKV_THREADS, OMP_NUM_THREADS, auto)."""
+    from statekv import threads as cpu_threads
     from statekv.session import load
 
-    return load(DEMO_MODEL, device=device, dtype="float32")
+    return load(DEMO_MODEL, device=device, dtype="float32", threads=cpu_threads.resolve(threads))
 
 
 # demo ---------------------------------------------------------------------------------------

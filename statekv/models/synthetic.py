@@ -8,13 +8,16 @@ runs the same prefill loop, attention and cache as users do, at real sizes, offl
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from statekv.models.base import QUESTION_SENTINEL, ChunkInputs, PromptPieces, VideoAdapter
 from statekv.video import FrameChunk
+
+if TYPE_CHECKING:
+    from statekv.presets import Architecture
 
 PREFIX_TOKENS = 16  # synthetic text before the video (a chat template's system + user start)
 EMBEDDING_POOL_FRAMES = 16  # distinct random frames, cycled: keeps input generation off the clock
@@ -90,6 +93,15 @@ class SyntheticAdapter(VideoAdapter):
         embeds = self._pool[index].reshape(1, -1, self._pool.shape[-1])
         ids = [0] * embeds.shape[1]
         return ChunkInputs(ids, embeds, _positions(offset, len(ids), self.device), frames=len(frames))
+
+    def whole_video(self, frame_count: int) -> ChunkInputs:
+        """The prefix and `frame_count` frames as one input, the same embeddings the chunks
+        carry: what a single full forward over the whole video would be fed."""
+        prefix = self.prefix_chunk()
+        frames = self.video_chunk(range(frame_count), 0, self.prefix_tokens)
+        embeds = torch.cat([prefix.inputs_embeds, frames.inputs_embeds], dim=1)
+        ids = prefix.token_ids + frames.token_ids
+        return ChunkInputs(ids, embeds, _positions(0, len(ids), self.device), frames=frame_count)
 
     def text_chunk(self, text: str, offset: int) -> ChunkInputs:
         return self.token_chunk([0] * max(1, len(text.split())), offset)

@@ -1,0 +1,273 @@
+"""Thread control (statekv.threads, --threads, STATEKV_THREADS) and the load benchmark."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from statekv import threads
+from statekv.commands import bench
+from statekv.errors import UsageError
+from statekv_cli.app import app
+
+runner = CliRunner()
+
+
+# resolving N | auto ---------------------------------------------------------------------------
+@pytest.mark.parametrize("value", ["0", "-2", "abc", "2.5", "", 0, True])
+def test_bad_thread_counts_are_usage_errors(value):
+    with pytest.raises(UsageError, match="--threads"):
+        threads.parse(value)
+
+
+def test_numbers_and_auto(monkeypatch):
+    monkeypatch.setattr(threads, "affinity_cores", lambda: 3)
+    monkeypatch.setattr(threads, "cgroup_cpu_limit", lambda: None)
+    assert threads.parse("4") == 4 and threads.parse(2) == 2 and threads.parse(None) is None
+    assert threads.parse("auto") == threads.parse(" AUTO ") == 3
+
+
+def _cgroup_v2(tmp_path, cpu_max: str | None, group: str = "/job/step"):
+    (tmp_path / "self").write_text(f"0::{group}\n")
+    directory = tmp_path / group.strip("/")
+    directory.mkdir(parents=True, exist_ok=True)
+    if cpu_max is not None:
+        (directory / "cpu.max").write_text(cpu_max + "\n")
+    return tmp_path
+
+
+def test_cgroup_v2_quota(tmp_path):
+    root = _cgroup_v2(tmp_path, "150000 100000")
+    assert threads.cgroup_cpu_limit(root, root / "self") == pytest.approx(1.5)
+    (root / "job" / "step" / "cpu.max").write_text("max 100000\n")
+    assert threads.cgroup_cpu_limit(root, root / "self") is None
+    (root / "job" / "cpu.max").write_text("100000 100000\n")  # a parent's limit also binds
+    assert threads.cgroup_cpu_limit(root, root / "self") == pytest.approx(1.0)
+
+
+def test_cgroup_v1_quota(tmp_path):
+    (tmp_path / "self").write_text("4:cpu,cpuacct:/slurm/job1\n3:memory:/slurm/job1\n")
+    job = tmp_path / "cpu,cpuacct" / "slurm" / "job1"
+    job.mkdir(parents=True)
+    (job / "cpu.cfs_quota_us").write_text("300000\n")
+    (job / "cpu.cfs_period_us").write_text("100000\n")
+    assert threads.cgroup_cpu_limit(tmp_path, tmp_path / "self") == pytest.approx(3.0)
+    (job / "cpu.cfs_quota_us").write_text("-1\n")
+    assert threads.cgroup_cpu_limit(tmp_path, tmp_path / "self") is None
+    assert threads.cgroup_cpu_limit(tmp_path, tmp_path / "missing") is None
+
+
+@pytest.mark.parametrize("affinity,quota,expected", [
+    (8, None, 8), (8, 2.0, 2), (8, 1.5, 2), (8, 0.5, 1), (2, 16.0, 2)])
+def test_auto_is_affinity_capped_by_the_quota(monkeypatch, affinity, quota, expected):
+    monkeypatch.setattr(threads.os, "sched_getaffinity", lambda pid: set(range(affinity)),
+                        raising=False)
+    monkeypatch.setattr(threads, "cgroup_cpu_limit", lambda: quota)
+    assert threads.available_cores() == expected
+
+
+def test_resolution_order(monkeypatch):
+    monkeypatch.setattr(threads, "available_cores", lambda: 5)
+    assert threads.resolve(None, {}) == 5
+    assert threads.resolve(None, {"OMP_NUM_THREADS": "3"}) == 3
+    assert threads.resolve(None, {"OMP_NUM_THREADS": "3", threads.ENV: "auto"}) == 5
+    assert threads.resolve(None, {threads.ENV: "2"}) == 2
+    assert threads.resolve("1", {threads.ENV: "2"}) == 1
+    with pytest.raises(UsageError, match=threads.ENV):
+        threads.resolve(None, {threads.ENV: "many"})
+    # the Python API leaves torch alone unless asked
+    assert threads.requested(None, {"OMP_NUM_THREADS": "3"}) is None
+    assert threads.requested(None, {threads.ENV: "2"}) == 2
+
+
+def test_apply_sets_torch_threads():
+    before = torch.get_num_threads()
+    try:
+        assert threads.apply(2) == 2 and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+# the OpenMP wait policy ------------------------------------------------------------------------
+def test_wait_policy_is_set_only_before_torch_and_never_over_the_users():
+    env: dict[str, str] = {}
+    assert threads.prepare_openmp(env, modules={}) == "passive"
+    assert env == {"OMP_WAIT_POLICY": "PASSIVE"}
+    env = {"OMP_WAIT_POLICY": "ACTIVE"}
+    assert threads.prepare_openmp(env, modules={}) == "user" and env["OMP_WAIT_POLICY"] == "ACTIVE"
+    env = {}
+    assert threads.prepare_openmp(env, modules={"torch": object()}) == "too-late" and env == {}
+
+
+def test_importing_statekv_first_makes_openmp_threads_wait_passively():
+    code = ("import os, statekv, torch, statekv.threads as t; "
+            "print(os.environ.get('OMP_WAIT_POLICY'), t.openmp_wait_policy())")
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    first = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                           check=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert first.stdout.split() == ["PASSIVE", "passive"]
+    late = subprocess.run([sys.executable, "-c", "import torch; " + code], env=env,
+                          capture_output=True, text=True, check=True,
+                          cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert late.stdout.split() == ["None", "default"]
+
+
+# the command line ------------------------------------------------------------------------------
+@pytest.mark.parametrize("command", [
+    ["ask", "{clip}", "q?"], ["compare", "{clip}", "q?"], ["summarize", "{clip}", "--out", "-"],
+    ["demo"], ["eval"], ["bench", "--frames", "2"]])
+@pytest.mark.parametrize("value,message", [("0", "at least 1"), ("abc", "positive integer")])
+def test_bad_threads_option_exits_2_in_one_line(clip, command, value, message):
+    argv = [a.format(clip=clip) for a in command] + ["--threads", value]
+    result = runner.invoke(app, argv)
+    assert result.exit_code == 2, result.output
+    assert message in result.stderr and "--threads" in result.stderr
+    assert "Traceback" not in result.output
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_bad_environment_variable_exits_2(clip, monkeypatch):
+    monkeypatch.setenv(threads.ENV, "lots")
+    result = runner.invoke(app, ["ask", str(clip), "q?"])
+    assert result.exit_code == 2 and threads.ENV in result.stderr
+
+
+def test_settings_record_the_threads(clip, tiny_internvl_dir, monkeypatch):
+    before = torch.get_num_threads()
+    try:
+        result = runner.invoke(app, ["ask", str(clip), "q?", "--model", str(tiny_internvl_dir),
+                                     "--max-frames", "2", "--max-new-tokens", "1", "--json",
+                                     "--threads", "2"])
+        assert result.exit_code == 0, result.output
+        assert json.loads(result.stdout)["settings"]["threads"] == 2
+        monkeypatch.setenv(threads.ENV, "1")
+        result = runner.invoke(app, ["ask", str(clip), "q?", "--model", str(tiny_internvl_dir),
+                                     "--max-frames", "2", "--max-new-tokens", "1", "--json"])
+        assert json.loads(result.stdout)["settings"]["threads"] == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_python_api_threads_argument(tiny_internvl_dir, frames):
+    import statekv
+
+    before = torch.get_num_threads()
+    try:
+        model = statekv.load(str(tiny_internvl_dir), device="cpu", dtype="float32", threads=2)
+        torch.set_num_threads(1)  # someone else changed it: the model's own count is restored
+        session = model.prefill_frames(frames[:2], method="statekv", budget=16, max_new_tokens=1)
+        assert session.settings.threads == 2 and session.settings.to_dict()["threads"] == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+# results do not depend on the thread count ------------------------------------------------------
+def test_single_thread_prefill_gives_the_same_results():
+    from statekv.models.synthetic import SyntheticAdapter, build_language_model, synthetic_chunks
+    from statekv.policies import make_policy
+    from statekv.prefill import prefill_chunks
+
+    arch, _ = bench.resolve_architecture("bench-tiny")
+    adapter = SyntheticAdapter(build_language_model(arch), arch.tokens_per_frame)
+
+    def run(count):
+        kept = []
+        before = torch.get_num_threads()
+        threads.apply(count)
+        try:
+            result = prefill_chunks(adapter, synthetic_chunks(6, 1), make_policy("statekv", budget=96),
+                                    frame_count=6, timestamps=(),
+                                    on_carried=lambda layer, seen, pos: kept.append(pos.clone()))
+        finally:
+            torch.set_num_threads(before)
+        layer = result.cache.layers[-1]
+        return kept, layer.keys[:, :, :layer.seen].clone()
+
+    kept_1, keys_1 = run(1)
+    kept_2, keys_2 = run(2)
+    assert len(kept_1) == len(kept_2) > 0
+    assert all(torch.equal(a, b) for a, b in zip(kept_1, kept_2))
+    torch.testing.assert_close(keys_1, keys_2, rtol=1e-4, atol=1e-5)
+
+
+# the load benchmark ------------------------------------------------------------------------------
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_busy_processes_stop_on_exit_and_on_interrupt():
+    with bench.BusyProcesses(2, seconds=60) as busy:
+        pids = [p.pid for p in busy.processes]
+        assert len(pids) == 2 and all(p.poll() is None for p in busy.processes)
+    assert not any(_alive(pid) for pid in pids)
+    with pytest.raises(KeyboardInterrupt):
+        with bench.BusyProcesses(1, seconds=60) as busy:
+            pids = [p.pid for p in busy.processes]
+            raise KeyboardInterrupt
+    assert not any(_alive(pid) for pid in pids)
+
+
+def test_busy_processes_end_by_themselves():
+    busy = bench.BusyProcesses(1, seconds=0.5).__enter__()
+    try:
+        assert busy.processes[0].wait(timeout=30) == 0  # its own deadline, not a kill
+    finally:
+        busy.stop()
+
+
+def test_under_load_reports_both_runners_and_leaves_no_process(monkeypatch):
+    started = []
+    original = bench.BusyProcesses.__enter__
+
+    def spy(self):
+        result = original(self)
+        started.extend(p.pid for p in self.processes)
+        return result
+
+    monkeypatch.setattr(bench.BusyProcesses, "__enter__", spy)
+    result = runner.invoke(app, ["bench", "--preset", "bench-tiny", "--frames", "2",
+                                 "--methods", "statekv,full", "--repeats", "1", "--threads", "1",
+                                 "--under-load", "1", "--json"])
+    assert result.exit_code == 0, result.output
+    record = json.loads(result.stdout)
+    rows = record["rows"]
+    assert [r["runner"] for r in rows] == ["statekv", "full", "transformers"]
+    for r in rows:
+        assert r["busy"] == 1 and r["threads"] == 1 and r["tokens"] == bench.PREFIX_TOKENS + 2 * 64
+        assert r["quiet_seconds"] > 0 and r["loaded_seconds"] > 0
+        assert r["slowdown"] == pytest.approx(r["loaded_seconds"] / r["quiet_seconds"])
+        assert len(r["quiet_seconds_runs"]) == len(r["loaded_seconds_runs"]) == 1
+    assert [v["method"] for v in record["verdicts"]] == ["statekv", "full"]
+    assert all(v["limit"] == pytest.approx(1.5 * rows[2]["slowdown"]) for v in record["verdicts"])
+    assert len(started) == 1 and not any(_alive(pid) for pid in started)
+
+
+def test_transformers_forward_sees_the_same_tokens():
+    from statekv.models.synthetic import SyntheticAdapter, build_language_model
+
+    arch, _ = bench.resolve_architecture("bench-tiny")
+    adapter = SyntheticAdapter(build_language_model(arch), arch.tokens_per_frame)
+    whole = adapter.whole_video(3)
+    pieces = [adapter.prefix_chunk()] + [adapter.video_chunk([None], i, 0) for i in range(3)]
+    assert whole.tokens == sum(p.tokens for p in pieces)
+    assert torch.equal(whole.inputs_embeds, torch.cat([p.inputs_embeds for p in pieces], dim=1))
+    assert adapter.language_model.config._attn_implementation == "statekv"
+    assert bench.transformers_forward(adapter, 3) > 0
+    assert adapter.language_model.config._attn_implementation == "statekv"  # restored
+
+
+def test_under_load_refuses_analytic_and_negative_counts():
+    result = runner.invoke(app, ["bench", "--under-load", "1", "--analytic"])
+    assert result.exit_code == 2 and "--analytic" in result.stderr
+    with pytest.raises(UsageError, match="--under-load"):
+        bench.load_bench("bench-tiny", [2], busy=-1)
