@@ -43,7 +43,8 @@ MaxNewTokens = Annotated[int | None, typer.Option(
     "--max-new-tokens", help="Longest answer, in tokens. Default: preset's (128).")]
 Device = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")]
 Dtype = Annotated[str | None, typer.Option(
-    "--dtype", help="auto (bf16 on GPUs, float32 on CPU), float32, bfloat16 or float16.")]
+    "--dtype", help="auto (bfloat16 on GPUs and on CPUs with native bf16 matmul, "
+    "AVX512-BF16/AMX; else float32), float32, bfloat16 or float16. Example: --dtype float32")]
 Seed = Annotated[int, typer.Option("--seed", help="Random seed (answers are greedy).")]
 Json = Annotated[bool, typer.Option("--json", help="Print one JSON record on stdout (CONTRACTS.md).")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or summary on stderr.")]
