@@ -193,7 +193,9 @@ class Model:
         count = len(plan.indices)
         size = self.adapter.decode_size(info.height, info.width, frames=count)
         chunk_frames = self._chunk_frames(chunk_frames)
-        chunks = video.iter_chunks(path, plan, chunk_frames, size=size, backend=backend)
+        # Decoded a chunk ahead in a background thread while the model works on the last one.
+        chunks = video.prefetch(video.iter_chunks(path, plan, chunk_frames, size=size,
+                                                  backend=backend))
         frame_size = _hw(size, info)
         watched = min(end or info.duration_seconds, info.duration_seconds) - (start or 0.0)
         shape = _VideoShape(count, tuple(plan.timestamps), frame_size, watched,
