@@ -80,9 +80,9 @@ def random_model(preset: Any, dtype: torch.dtype, seed: int = 0) -> tuple[Any, A
 
 def local_checkpoint(model: str) -> str | None:
     """The checkpoint directory if `model` is one on disk or already in the local cache."""
-    from statekv.loading import resolve_checkpoint
-
     import os
+
+    from statekv.loading import resolve_checkpoint
 
     saved = os.environ.get("HF_HUB_OFFLINE")
     os.environ["HF_HUB_OFFLINE"] = "1"  # never download here: random weights instead
@@ -109,7 +109,7 @@ def load_e2e_model(preset: Any, model: str | None, dtype: str, seed: int = 0) ->
         return statekv.load(checkpoint, device="cpu", dtype=dtype), checkpoint
     if model is not None:
         raise ModelError(f"model {model} is neither a checkpoint directory nor in the local cache")
-    import statekv.attention  # noqa: F401  (registers statekv's attention)
+    import statekv.attention
 
     hf_model, processor = random_model(preset, resolve_dtype(dtype, torch.device("cpu")), seed)
     adapter = adapter_for(hf_model.config.model_type)(hf_model, processor)
@@ -147,7 +147,7 @@ class ModuleClock:
         for handle in self._handles:
             handle.remove()
 
-    def __enter__(self) -> "ModuleClock":
+    def __enter__(self) -> ModuleClock:
         return self
 
     def __exit__(self, *exc) -> None:
