@@ -109,7 +109,7 @@ def load_e2e_model(preset: Any, model: str | None, dtype: str, seed: int = 0) ->
         return statekv.load(checkpoint, device="cpu", dtype=dtype), checkpoint
     if model is not None:
         raise ModelError(f"model {model} is neither a checkpoint directory nor in the local cache")
-    import statekv.attention
+    import statekv.attention  # noqa: F401  (registers statekv's attention)
 
     hf_model, processor = random_model(preset, resolve_dtype(dtype, torch.device("cpu")), seed)
     adapter = adapter_for(hf_model.config.model_type)(hf_model, processor)
