@@ -216,23 +216,13 @@ def forward_tokens_cap(adapter: VideoAdapter, shape: accounting.LMShape,
 
 def group_chunks(chunks: Iterable[Any], max_frames: int) -> Iterator[Any]:
     """Join consecutive FrameChunk-likes into runs of at most `max_frames` frames (a chunk is
-    never split, so each run keeps the family's temporal units whole); 0 or 1: as they come.
-
-    The first chunk stays alone: the loop counts the vision tower's FLOPs on it under torch's
-    FLOP counter, which slows what it watches (with a whole 16-frame run under it, SmolVLM's
-    tower took ~30% longer than transformers' on the same frames), so it watches little.
-    """
+    never split, so each run keeps the family's temporal units whole); 0 or 1: as they come."""
     if max_frames <= 1:
         yield from chunks
         return
-    iterator = iter(chunks)
-    first = next(iterator, None)
-    if first is None:
-        return
-    yield first
     group: list[Any] = []
     count = 0
-    for chunk in iterator:
+    for chunk in chunks:
         if group and count + len(chunk.frames) > max_frames:
             yield _joined(group)
             group, count = [], 0
