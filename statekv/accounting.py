@@ -134,6 +134,11 @@ class MemoryEstimate:
                 + self.activation_bytes + self.runtime_bytes)
 
 
+def activation_bytes_per_token(hidden: int, intermediate: int, element_size: int) -> int:
+    """Bytes one token's activations take inside a decoder layer (hidden states, MLP)."""
+    return element_size * (4 * hidden + 2 * intermediate)
+
+
 def estimate_memory(shape: LMShape, parameters: int, element_size: int, total_tokens: int,
                     chunk_tokens: int, carried_tokens: int, hidden: int, intermediate: int,
                     mass: bool) -> MemoryEstimate:
@@ -146,7 +151,7 @@ def estimate_memory(shape: LMShape, parameters: int, element_size: int, total_to
     """
     per_token = shape.kv_bytes_per_token(element_size)
     carried = 2 * (carried_tokens + chunk_tokens) * per_token if mass else 0
-    activations = element_size * chunk_tokens * (4 * hidden + 2 * intermediate)
+    activations = chunk_tokens * activation_bytes_per_token(hidden, intermediate, element_size)
     activations += ANSWER_ROOM * per_token
     if mass:
         from statekv.attention import MASS_BLOCK_ENTRIES  # scores the mass pass holds at once

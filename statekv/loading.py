@@ -29,10 +29,46 @@ def resolve_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
+# CPU flags (Linux /proc/cpuinfo) of native bfloat16 matrix instructions: AVX512-BF16, AMX.
+CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+# Set to 0 to keep `--dtype auto` at float32 on the CPU even where bf16 is native.
+CPU_BF16_ENV = "STATEKV_CPU_BF16"
+CPUINFO = "/proc/cpuinfo"
+
+
+def cpu_flags(path: str | None = None) -> set[str]:
+    """The CPU's feature flags as the kernel lists them (empty where there is no such file)."""
+    try:
+        with open(path or CPUINFO) as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return set(line.partition(":")[2].split())
+    except OSError:
+        pass
+    return set()
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 matrices natively (AVX512-BF16 or AMX-BF16).
+
+    torch's reported capability must be AVX512 (or better) for its kernels to use them; on
+    CPUs without these instructions bfloat16 is emulated and slower than float32.
+    """
+    if os.environ.get(CPU_BF16_ENV, "1").lower() in ("0", "false", "no"):
+        return False
+    capability = str(torch.backends.cpu.get_cpu_capability()).upper()
+    if not capability.startswith("AVX512"):
+        return False
+    return bool(cpu_flags() & set(CPU_BF16_FLAGS))
+
+
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """'auto' is bfloat16 on GPUs that support it and float32 elsewhere."""
+    """'auto' is bfloat16 on GPUs that support it and on CPUs with native bf16 matrix
+    instructions (AVX512-BF16 / AMX), float32 elsewhere."""
     if dtype == "auto":
         if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        if device.type == "cpu" and cpu_has_native_bf16():
             return torch.bfloat16
         return torch.float32
     if dtype not in DTYPES:

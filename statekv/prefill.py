@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator
 
+import numpy as np
 import torch
 
 from statekv import accounting
@@ -25,6 +26,9 @@ from statekv.rotary import fixed_rotary
 # transformers builds no mask when handed a prepared mapping; our attention applies causality.
 NO_MASK = {"full_attention": None, "sliding_attention": None}
 ANSWER_ROOM = accounting.ANSWER_ROOM  # tokens reserved after the video for a question
+# Full attention's result does not depend on the chunking, so `full` prefills many frames per
+# vision call and language-model forward: at most this many tokens, fewer if memory is short.
+FULL_FORWARD_TOKENS = 2048
 
 
 @dataclass
@@ -170,14 +174,28 @@ def prefill_chunks(
     on_event: Callable[[PrefillEvent], None] | None = None,
     memory: accounting.PeakMemory | None = None,
     on_carried: Callable[[int, int, torch.Tensor], None] | None = None,
+    full_forward_tokens: int | None = None,
 ) -> PrefillResult:
     """Prefill the prompt prefix and every chunk of frames; `chunks` yields FrameChunk-likes
-    (`.frames` uint8 (n, H, W, 3), `.first`, `.timestamps`, optional `.skipped`)."""
+    (`.frames` uint8 (n, H, W, 3), `.first`, `.timestamps`, optional `.skipped`).
+
+    Policies that carry everything (`full`) join consecutive chunks into one vision call and
+    one language-model forward of at most `full_forward_tokens` tokens (default: up to
+    FULL_FORWARD_TOKENS, bounded by free memory; 0 keeps the chunks as they come): exact,
+    since causal attention over all earlier keys does not depend on where chunks are cut.
+    """
     ensure_attention(adapter)
     prompt = adapter.prompt(system_prompt)
     reserve = adapter.start(frame_count, timestamps, prompt, frame_size=frame_size,
                             duration=duration)
     loop = _Loop(adapter, policy, frame_count, reserve, attention, on_event, memory)
+    with torch.inference_mode():
+        prefix = adapter.prefix_chunk()
+    if carries_everything(policy):
+        per_frame = (reserve - len(prefix.token_ids)) / max(1, frame_count)
+        if full_forward_tokens is None:
+            full_forward_tokens = forward_tokens_cap(adapter, loop.shape)
+        chunks = group_chunks(chunks, max(0, int(full_forward_tokens // max(1.0, per_frame))))
     loop.result = PrefillResult(cache=loop.cache, prompt=prompt,
                                 rotary_length=adapter.rotary_length(reserve + ANSWER_ROOM), plan={
         "frame_count": frame_count, "timestamps": [float(t) for t in timestamps],
@@ -188,7 +206,7 @@ def prefill_chunks(
         pinning = pin_prefix or policy.pins_prefix
         if pinning:
             loop.cache.begin_prefix()  # a prefix to be pinned is attended to, never selected
-        loop.run_chunk(adapter.prefix_chunk())
+        loop.run_chunk(prefix)
         if pinning:
             loop.cache.pin(loop.result.chunk_tokens[0])
         for frame_chunk in _timed(chunks, loop.watch):
@@ -199,6 +217,55 @@ def prefill_chunks(
     loop.result.adapter_state = adapter.answer_state()
     loop.result.seconds = loop.watch.seconds
     return loop.result
+
+
+def carries_everything(policy: Policy) -> bool:
+    """Whether every chunk sees every earlier token (so the chunking cannot change results)."""
+    return policy.recency and policy.capacity is None and not policy.pins_prefix
+
+
+def forward_tokens_cap(adapter: VideoAdapter, shape: accounting.LMShape,
+                       memory_bytes: int | None = None) -> int:
+    """Most tokens one grouped `full` forward may hold: FULL_FORWARD_TOKENS, or fewer when the
+    activations of that many tokens would not fit in a quarter of `memory_bytes` (default:
+    the memory free now)."""
+    cfg = adapter.text_config
+    if memory_bytes is None:
+        memory_bytes = accounting.available_memory(adapter.device)
+    element = torch.empty((), dtype=adapter.dtype).element_size()
+    per_token = accounting.activation_bytes_per_token(
+        cfg.hidden_size, getattr(cfg, "intermediate_size", 4 * cfg.hidden_size), element)
+    return int(min(FULL_FORWARD_TOKENS, memory_bytes // 4 // max(1, per_token)))
+
+
+def group_chunks(chunks: Iterable[Any], max_frames: int) -> Iterator[Any]:
+    """Join consecutive FrameChunk-likes into runs of at most `max_frames` frames (a chunk is
+    never split, so each run keeps the family's temporal units whole); 0 or 1: as they come."""
+    if max_frames <= 1:
+        yield from chunks
+        return
+    group: list[Any] = []
+    count = 0
+    for chunk in chunks:
+        if group and count + len(chunk.frames) > max_frames:
+            yield _joined(group)
+            group, count = [], 0
+        group.append(chunk)
+        count += len(chunk.frames)
+    if group:
+        yield _joined(group)
+
+
+def _joined(group: list[Any]) -> Any:
+    if len(group) == 1:
+        return group[0]
+    from statekv.video import FrameChunk
+
+    return FrameChunk(
+        frames=np.concatenate([c.frames for c in group]), first=group[0].first,
+        timestamps=tuple(t for c in group for t in c.timestamps),
+        indices=tuple(i for c in group for i in getattr(c, "indices", ())),
+        skipped=tuple(t for c in group for t in getattr(c, "skipped", ())))
 
 
 def _timed(chunks: Iterable[Any], watch: accounting.Stopwatch) -> Iterator[Any]:

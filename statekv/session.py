@@ -285,7 +285,9 @@ class Model:
         shape = self._shape(info, plan, watched)
         chunk_frames = self._chunk_frames(chunk_frames)
         size = self.adapter.decode_size(info.height, info.width, frames=shape.frames)
-        chunks = video.iter_chunks(path, plan, chunk_frames, size=size, backend=backend)
+        # Decoded a chunk ahead in a background thread while the model works on the last one.
+        chunks = video.prefetch(video.iter_chunks(path, plan, chunk_frames, size=size,
+                                                  backend=backend))
         sampling = dict(max_frames=max_frames, fps=fps, start=start, end=end)
         session = self._run(chunks, shape, sampling, _Run(
             method, budget, window_frames, chunk_frames, system_prompt, pin_prefix, attention,

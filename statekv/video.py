@@ -753,3 +753,63 @@ def _chunk(
         first=positions[0],
         skipped=tuple(skipped),
     )
+
+
+# --------------------------------------------------------------------------- background decode
+PREFETCH_CHUNKS = 2  # decoded chunks waiting ahead of the model (bounds the extra memory)
+
+
+def prefetch(chunks: Iterable[FrameChunk], depth: int = PREFETCH_CHUNKS) -> Iterator[FrameChunk]:
+    """Decode the next chunks in a background thread while the caller works on this one.
+
+    At most `depth` chunks wait in the queue. An error raised while decoding is raised here,
+    at the chunk where it happened; stopping early (an error in the caller, Ctrl-C, or
+    closing the generator) stops the thread, which is left after its current chunk.
+    """
+    import queue
+    import threading
+
+    if depth < 1:
+        yield from chunks
+        return
+    items: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                items.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    iterator = iter(chunks)
+
+    def work() -> None:
+        try:
+            for chunk in iterator:
+                if not put((chunk, None)):
+                    return
+            put((done, None))
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, raised there
+            put((None, exc))
+        finally:
+            close = getattr(iterator, "close", None)
+            if close is not None:  # a generator: let it stop its decoder (ffmpeg process)
+                close()
+
+    thread = threading.Thread(target=work, name="statekv-decode", daemon=True)
+    thread.start()
+    try:
+        while True:
+            chunk, error = items.get()
+            if error is not None:
+                raise error
+            if chunk is done:
+                return
+            yield chunk
+    finally:
+        stop.set()
+        thread.join(timeout=5.0)

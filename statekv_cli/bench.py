@@ -33,8 +33,9 @@ def _ints(text: str, option: str) -> list[int]:
 def bench(
     preset: Annotated[str, typer.Option(
         "--preset", help="Preset name or YAML file whose language model to benchmark.")] = "bench-tiny",
-    frames: Annotated[str, typer.Option(
-        "--frames", help="Comma-separated frame counts.")] = "32,64,128,256,512,1024",
+    frames: Annotated[str | None, typer.Option(
+        "--frames", help="Comma-separated frame counts. Default: 32,64,128,256,512,1024 "
+        "(--e2e: 16).")] = None,
     methods: Annotated[str, typer.Option(
         "--methods", help=f"Comma-separated methods, from: {method_names()}.")] = "full,window,statekv",
     budget: Annotated[int | None, typer.Option(
@@ -59,6 +60,22 @@ def bench(
     csv: Annotated[str | None, typer.Option("--csv", help="Also write the rows to this CSV file.")] = None,
     plot: Annotated[str | None, typer.Option(
         "--plot", help="Also plot FLOPs and seconds against frames to this PNG (needs matplotlib).")] = None,
+    e2e: Annotated[bool, typer.Option(
+        "--e2e", help="End to end on a real video: the whole model (the preset's architecture "
+        "with random weights, or --model) for transformers generate and statekv's full, window, "
+        "statekv on the same frames. Example: statekv bench --e2e --preset smolvlm2-256m "
+        "--video clip.mp4 --frames 16,64 --json")] = False,
+    video: Annotated[str | None, typer.Option("--video", help="--e2e: the video file.")] = None,
+    model: Annotated[str | None, typer.Option(
+        "--model", help="--e2e: a checkpoint directory or cached hub id instead of random "
+        "weights (default: the preset's checkpoint if it is in the local cache).")] = None,
+    runners: Annotated[str, typer.Option(
+        "--runners", help="--e2e: comma-separated runners: transformers, full, window, "
+        "statekv.")] = "transformers,full,window,statekv",
+    dtype: Annotated[str, typer.Option(
+        "--dtype", help="--e2e: auto, float32 or bfloat16 (all runners alike).")] = "float32",
+    max_new_tokens: Annotated[int, typer.Option(
+        "--max-new-tokens", help="--e2e: tokens each runner generates (greedy).")] = 8,
     debug: Debug = False,
 ) -> None:
     """Benchmark LM prefill (FLOPs, seconds, per-chunk time, memory) against frames per method.
@@ -67,7 +84,11 @@ def bench(
     """
     from statekv.commands import bench as lib
 
-    frame_counts = _ints(frames, "--frames")
+    if e2e:
+        _e2e(preset, _ints(frames or "16", "--frames"), video, model, runners, repeats, dtype,
+             threads, budget, window_frames, max_new_tokens, json_output, csv, plot, debug)
+        return
+    frame_counts = _ints(frames or "32,64,128,256,512,1024", "--frames")
     method_names = [m.strip() for m in methods.split(",") if m.strip()]
     shown = not json_output
     progress = (lambda row: err.print(_row_line(row), markup=False)) if shown else None
@@ -155,4 +176,51 @@ def _table(rows, speedups, analytic: bool) -> Table:
                       _fmt(r.flatness, "{:.2f}")]
         cells.append("-" if r.peak_memory_bytes is None else size(r.peak_memory_bytes))
         table.add_row(*cells)
+    return table
+
+
+def _e2e(preset, frame_counts, video, model, runners, repeats, dtype, threads, budget,
+         window_frames, max_new_tokens, json_output, csv, plot, debug) -> None:
+    from statekv.commands import e2e as lib
+
+    shown = not json_output
+    report = lib.run_e2e(
+        preset, video or "", frame_counts, [r.strip() for r in runners.split(",") if r.strip()],
+        model=model, repeats=repeats, dtype=dtype, threads=threads, budget=budget,
+        window_frames=window_frames, max_new_tokens=max_new_tokens,
+        on_row=(lambda row: err.print(_e2e_line(row), markup=False)) if shown else None,
+        on_model=(lambda source: err.print(f"model: {source}", markup=False)) if shown else None)
+    if csv:
+        lib.write_csv(report, csv)
+        err.print(f"wrote {csv}", markup=False)
+    if plot:
+        lib.plot(report, plot)
+        err.print(f"wrote {plot}", markup=False)
+    if json_output:
+        emit_json(report)
+        return
+    out.print(_e2e_table(report, lib.speedups(report)))
+
+
+def _e2e_line(row) -> str:
+    s = row.seconds
+    return (f"{row.frames} frames, {row.runner}: total {format_seconds(s['total'])} "
+            f"(vision {format_seconds(s['vision'])}, LM prefill {format_seconds(s['lm_prefill'])})")
+
+
+def _e2e_table(report, speedups) -> Table:
+    table = Table(title=f"end to end: {report['preset']} ({report['model']}), medians")
+    names = ("frames", "runner", "dtype", "decode s", "processor s", "vision s", "LM prefill s",
+             "answer s", "total s", "speed-up", "LM speed-up", "LM FLOPs", "peak memory")
+    for name in names:
+        table.add_column(name, justify="right")
+    for r in report["rows"]:
+        s = r["seconds"]
+        ratio = speedups.get((r["frames"], r["runner"]), {})
+        table.add_row(
+            str(r["frames"]), r["runner"], r["dtype"],
+            *(f"{s[k]:.2f}" for k in ("decode", "processor", "vision", "lm_prefill", "answer",
+                                      "total")),
+            _fmt(ratio.get("total"), "{:.2f}x"), _fmt(ratio.get("lm_prefill"), "{:.2f}x"),
+            flops(r["lm_prefill_flops"]), size(r["peak_memory_bytes"]))
     return table

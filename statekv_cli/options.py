@@ -94,7 +94,8 @@ RUN_OPTIONS: dict[str, tuple[Any, Any, Any]] = {
         f"Default: {_preset_default('max_new_tokens')}."), None),
     "device": (str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps."), "auto"),
     "dtype": (str | None, typer.Option(
-        "--dtype", help="auto (bf16 on GPUs, float32 on CPU), float32, bfloat16 or float16. "
+        "--dtype", help="auto (bfloat16 on GPUs and on CPUs with native bf16 matmul, "
+        "AVX512-BF16/AMX; else float32), float32, bfloat16 or float16. "
         f"Default: {_preset_default('dtype')}."), None),
     "seed": (int, typer.Option("--seed", help="Random seed (answers are greedy)."), 0),
     "pin_prefix": (bool, typer.Option(

@@ -16,6 +16,9 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# `--dtype auto` picks bfloat16 on CPUs with native bf16 matmul: keep the suite at float32 on
+# every machine (tests of the bf16 choice mock the CPU instead).
+os.environ.setdefault("STATEKV_CPU_BF16", "0")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 

@@ -229,3 +229,13 @@ def test_eval_verdict_says_when_full_attention_is_near_chance():
     assert "32 frames full" not in report.verdict
     report = _report(model, rows[:2])
     assert report.discriminates and "chance" not in report.verdict
+
+
+def test_dtype_agreement_counts_every_question():
+    from statekv.demo.evaluation import dtype_agreement
+
+    same = dtype_agreement("float32", frames=8, budgets=(32,), videos=1, methods=("full", "statekv"))
+    assert set(same) == {"full", "statekv@32"}
+    for record in same.values():  # float32 against itself: every answer agrees
+        assert record["agreement"] == 1.0 and record["questions"] > 0
+        assert 0.0 <= record["accuracy_float32"] <= 1.0

@@ -299,3 +299,96 @@ def test_isolated_chunks_and_answers_see_the_prefix(tiny_model, frames):
     isolated = tiny_model.prefill_frames(one, method="isolated").question_logits("what?")
     full = tiny_model.prefill_frames(one, method="full").question_logits("what?")
     assert (isolated - full).abs().max().item() < 1e-4
+
+
+# issue 18: `full` in large chunks ---------------------------------------------------------
+def _forward_sizes(monkeypatch):
+    sizes: list[int] = []
+    original = statekv.prefill.forward_chunk
+
+    def spy(adapter, cache, chunk):
+        sizes.append(chunk.tokens)
+        return original(adapter, cache, chunk)
+
+    monkeypatch.setattr(statekv.prefill, "forward_chunk", spy)
+    return sizes
+
+
+def test_full_in_large_chunks_equals_full_chunk_by_chunk(family, monkeypatch):
+    frames = np.concatenate([family.frames] * 2)
+    unit = family.model.adapter.frames_per_unit
+    sizes = _forward_sizes(monkeypatch)
+    chunked = family.model.prefill_frames(frames, method="full")  # default: grouped
+    grouped_sizes = list(sizes)
+    sizes.clear()
+    statekv.prefill.FULL_FORWARD_TOKENS, saved = 0, statekv.prefill.FULL_FORWARD_TOKENS
+    try:
+        single = family.model.prefill_frames(frames, method="full")
+    finally:
+        statekv.prefill.FULL_FORWARD_TOKENS = saved
+    assert len(sizes) == 1 + len(frames) // unit  # prefix, then one chunk per unit
+    assert len(grouped_sizes) < len(sizes)  # fewer, larger forwards ...
+    assert sum(grouped_sizes) == sum(sizes)  # ... over the same tokens
+    assert chunked.state.frame_timestamps == single.state.frame_timestamps
+    a, b = chunked.question_logits(QUESTION), single.question_logits(QUESTION)
+    assert (a - b).abs().max().item() < 1e-4
+    assert chunked.stats.lm_prefill_flops == single.stats.lm_prefill_flops
+    assert chunked.stats.vision_flops == single.stats.vision_flops
+    assert (chunked.ask([QUESTION], max_new_tokens=4)[0].token_ids
+            == single.ask([QUESTION], max_new_tokens=4)[0].token_ids)
+
+
+def test_large_chunks_respect_the_memory_cap(family, monkeypatch):
+    from statekv import accounting
+    from statekv.prefill import forward_tokens_cap
+
+    adapter = family.model.adapter
+    frames = np.concatenate([family.frames] * 2)
+    cfg = adapter.text_config
+    per_token = accounting.activation_bytes_per_token(cfg.hidden_size, cfg.intermediate_size, 4)
+    tokens = adapter.tokens_per_frame(*frames.shape[1:3], frames=len(frames))
+    budget_tokens = 3 * tokens * adapter.frames_per_unit  # room for about three units
+    shape = accounting.LMShape.from_model(adapter.language_model, cfg)
+    cap = forward_tokens_cap(adapter, shape, memory_bytes=4 * per_token * budget_tokens)
+    assert cap == min(statekv.prefill.FULL_FORWARD_TOKENS, budget_tokens)
+    monkeypatch.setattr(statekv.prefill, "forward_tokens_cap", lambda *a, **k: cap)
+    sizes = _forward_sizes(monkeypatch)
+    events = []
+    session = family.model.prefill_frames(frames, method="full", on_event=events.append)
+    per_frame = sum(sizes[1:]) / len(frames)  # the grouping sizes runs by the average frame
+    assert max(np.diff([e.frames_done for e in events])) <= max(
+        adapter.frames_per_unit, cap // per_frame)
+    assert max(sizes[2:]) <= cap  # (the first frame may carry an intro sentence)
+    assert len(sizes) > 3  # the cap split the video
+    assert session.stats.frames == len(frames)
+
+
+def test_only_full_is_grouped(family, monkeypatch):
+    sizes = _forward_sizes(monkeypatch)
+    family.model.prefill_frames(family.frames, method="window", window_frames=2)
+    unit = family.model.adapter.frames_per_unit
+    assert len(sizes) == 1 + len(family.frames) // unit
+
+
+# issue 18: --dtype auto -----------------------------------------------------------------
+@pytest.mark.parametrize("capability,flags,expected", [
+    ("AVX512", "fpu avx512f avx512_bf16", torch.bfloat16),
+    ("AVX512", "fpu amx_tile amx_bf16", torch.bfloat16),
+    ("AVX512", "fpu avx512f", torch.float32),
+    ("AVX2", "fpu avx2 avx512_bf16", torch.float32),
+    ("DEFAULT", "", torch.float32),
+])
+def test_dtype_auto_picks_bfloat16_only_on_native_bf16_cpus(monkeypatch, tmp_path, capability,
+                                                            flags, expected):
+    from statekv import loading
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
+    monkeypatch.setenv(loading.CPU_BF16_ENV, "1")
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    monkeypatch.setattr(loading, "CPUINFO", str(cpuinfo))
+    assert loading.resolve_dtype("auto", torch.device("cpu")) == expected
+    assert loading.resolve_dtype("float32", torch.device("cpu")) == torch.float32
+    monkeypatch.setenv(loading.CPU_BF16_ENV, "0")  # the opt-out keeps float32
+    assert loading.resolve_dtype("auto", torch.device("cpu")) == torch.float32
+

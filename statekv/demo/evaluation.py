@@ -36,13 +36,14 @@ def demo_checkpoint() -> str:
     return bundled_checkpoint(DEMO_MODEL)
 
 
-def load_demo(device: str = "cpu", threads: int | str | None = None):
-    """The demo model, loaded like any checkpoint (float32), with `threads` CPU threads as the
-    command line resolves them (N, "auto"; None: STATEKV_THREADS, OMP_NUM_THREADS, auto)."""
+def load_demo(device: str = "cpu", threads: int | str | None = None, dtype: str = "float32"):
+    """The demo model, loaded like any checkpoint (float32 unless asked otherwise), with
+    `threads` CPU threads as the command line resolves them (N, "auto"; None:
+    STATEKV_THREADS, OMP_NUM_THREADS, auto)."""
     from statekv import threads as cpu_threads
     from statekv.session import load
 
-    return load(DEMO_MODEL, device=device, dtype="float32", threads=cpu_threads.resolve(threads))
+    return load(DEMO_MODEL, device=device, dtype=dtype, threads=cpu_threads.resolve(threads))
 
 
 # demo ---------------------------------------------------------------------------------------
@@ -386,3 +387,39 @@ def plot_eval(report: EvalReport, path: str | Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+# dtype fidelity -----------------------------------------------------------------------------
+def dtype_agreement(
+    dtype: str = "bfloat16",
+    frames: int = TRAINED_FRAMES,
+    budgets: Sequence[int] = (64,),
+    videos: int = 16,
+    methods: Sequence[str] = ("full", "window", "statekv"),
+    seed: int = 0,
+    on_progress: Callable[[str], None] | None = None,
+) -> dict[str, dict[str, float]]:
+    """Per method label: how often the first answer token in `dtype` equals float32's
+    (`agreement`), and both dtypes' accuracy on the held-out test questions.
+
+    The same videos, questions and methods as `statekv eval`, run twice: the float32 demo
+    model and the same weights loaded in `dtype`.
+    """
+    reference, other = load_demo(dtype="float32"), load_demo(dtype=dtype)
+    specs = [s for s in default_specs(budgets, "off", methods)]
+    counts: dict[str, list[int]] = {s.label: [0, 0, 0, 0] for s in specs}  # agree, ok32, ok, n
+    for index, video in enumerate(synthetic.split_videos("test", videos, frames)):
+        if on_progress:
+            on_progress(f"{frames} frames: video {index + 1}/{videos}")
+        truth = _answer_ids(reference, video)
+        texts = [q.text for q in video.questions]
+        for spec in specs:
+            picked = [_first_token_logprobs(model, video.frames, video.timestamps, spec, texts,
+                                            seed + index)[0].argmax(-1) for model in (reference, other)]
+            tally = counts[spec.label]
+            tally[0] += int((picked[0] == picked[1]).sum())
+            tally[1] += int((picked[0] == truth).sum())
+            tally[2] += int((picked[1] == truth).sum())
+            tally[3] += len(texts)
+    return {label: {"agreement": a / n, "accuracy_float32": r / n, f"accuracy_{dtype}": o / n,
+                    "questions": n} for label, (a, r, o, n) in counts.items()}

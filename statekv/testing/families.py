@@ -20,6 +20,7 @@ __all__ = [
     "SMOLVLM_CHAT_TEMPLATE",
     "build_tiny_llava_onevision",
     "build_tiny_smolvlm",
+    "smolvlm_model",
 ]
 
 # The chat template shipped with the HuggingFaceTB/SmolVLM2-* checkpoints. It has no video
@@ -144,6 +145,22 @@ def build_tiny_smolvlm(out_dir: str | Path, *, image_size: int = 64, patch_size:
     A video frame becomes one `image_size` square image (the video path never splits frames)
     of `(image_size // patch_size) ** 2 // scale_factor ** 2` tokens (16 for 64/8/2).
     """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model, processor = smolvlm_model(image_size=image_size, patch_size=patch_size,
+                                     scale_factor=scale_factor, seed=seed, dtype=dtype)
+    tokenizer = processor.tokenizer
+    ids = tokenizer.convert_tokens_to_ids
+    return _save(model, processor, out, ids("<end_of_utterance>"), ids("<|im_end|>"),
+                 ids("<|im_start|>"))
+
+
+def smolvlm_model(*, image_size: int = 64, patch_size: int = 8, scale_factor: int = 2,
+                  text: dict | None = None, vision: dict | None = None, seed: int = 0,
+                  dtype=torch.float32):
+    """(model, processor) of a random-weight SmolVLM2 in memory, of any size: `text` overrides
+    the language model's config fields (hidden_size, num_hidden_layers, ...), `vision` the
+    vision tower's (defaults: the tiny test sizes)."""
     from transformers import (
         SmolVLMConfig,
         SmolVLMForConditionalGeneration,
@@ -156,8 +173,6 @@ def build_tiny_smolvlm(out_dir: str | Path, *, image_size: int = 64, patch_size:
     if image_size % patch_size or grid % scale_factor:
         raise ValueError("image_size must be a multiple of patch_size * scale_factor")
     image_seq_len = grid * grid // scale_factor**2
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
 
     tokenizer = _smolvlm_tokenizer()
     ids = tokenizer.convert_tokens_to_ids
@@ -176,13 +191,13 @@ def build_tiny_smolvlm(out_dir: str | Path, *, image_size: int = 64, patch_size:
                                  chat_template=SMOLVLM_CHAT_TEMPLATE)
 
     config = SmolVLMConfig(
-        text_config=_text_config(
+        text_config={**_text_config(
             "llama", len(tokenizer), rms_norm_eps=1e-5,
             rope_parameters={"rope_type": "default", "rope_theta": 100000.0},
-            bos_token_id=bos_id, eos_token_id=eos_id, pad_token_id=pad_id),
+            bos_token_id=bos_id, eos_token_id=eos_id, pad_token_id=pad_id), **(text or {})},
         vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
                        "num_attention_heads": 2, "image_size": image_size,
-                       "patch_size": patch_size},
+                       "patch_size": patch_size, **(vision or {})},
         scale_factor=scale_factor,
         image_token_id=ids("<image>"),
         pad_token_id=pad_id,
@@ -191,7 +206,11 @@ def build_tiny_smolvlm(out_dir: str | Path, *, image_size: int = 64, patch_size:
     config.architectures = ["SmolVLMForConditionalGeneration"]
     torch.manual_seed(seed)
     model = SmolVLMForConditionalGeneration(config).to(dtype).eval()
-    return _save(model, processor, out, eos_id, pad_id, bos_id)
+    from transformers import GenerationConfig
+
+    model.generation_config = GenerationConfig(
+        bos_token_id=bos_id, eos_token_id=eos_id, pad_token_id=pad_id, do_sample=False)
+    return model, processor
 
 
 # LLaVA-OneVision ----------------------------------------------------------------------------
