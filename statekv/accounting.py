@@ -13,10 +13,11 @@ import os
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import nn
+if TYPE_CHECKING:  # predictions need no torch: `info` and the preflight stay fast
+    import torch
+    from torch import nn
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,8 @@ class LMShape:
 
     @classmethod
     def from_model(cls, language_model: nn.Module, text_config: Any) -> "LMShape":
+        from torch import nn
+
         layers = getattr(language_model, "layers", None)
         modules = layers.modules() if layers is not None else language_model.modules()
         linear = sum(m.in_features * m.out_features for m in modules if isinstance(m, nn.Linear))
@@ -114,6 +117,9 @@ def mass_pass(policy: Any, carried: int, pinned: int, tokens: int) -> bool:
     return policy.needs_mass and carried - pinned + tokens > (policy.capacity or 0)
 
 
+# Score entries per block of the two-pass mass pass (4M float32 = 16 MB): bounds its memory.
+# Defined here, torch-free, because the memory estimate needs it before any model loads.
+MASS_BLOCK_ENTRIES = 1 << 22
 RUNTIME_BYTES = 64 * 2**20  # processor, tokenizer, kernels' workspaces, decoder: measured ~60-70 MB
 ANSWER_ROOM = 512  # tokens the detailed cache reserves after the video for a question
 
@@ -149,8 +155,6 @@ def estimate_memory(shape: LMShape, parameters: int, element_size: int, total_to
     activations = element_size * chunk_tokens * (4 * hidden + 2 * intermediate)
     activations += ANSWER_ROOM * per_token
     if mass:
-        from statekv.attention import MASS_BLOCK_ENTRIES  # scores the mass pass holds at once
-
         rows = shape.heads * chunk_tokens
         activations += 4 * min(rows * (carried_tokens + chunk_tokens),
                                max(MASS_BLOCK_ENTRIES, rows * chunk_tokens))
@@ -170,6 +174,7 @@ def full_prefill_flops(shape: LMShape, chunk_tokens: list[int]) -> int:
 def _register_cpu_sdpa_formula() -> None:
     # torch has no FLOP formula for the CPU flash kernel, so the counter would see 0 for
     # vision attention on the CPU; give it the same formula as the CUDA kernels.
+    import torch
     from torch.utils import flop_counter
 
     op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
@@ -268,6 +273,8 @@ class PeakMemory:
 def synchronize(device: torch.device) -> None:
     """Wait for queued GPU work so wall-clock readings mean what they say."""
     if device.type == "cuda":
+        import torch
+
         torch.cuda.synchronize(device)
 
 
@@ -302,7 +309,9 @@ def predict_lm_flops(shape: LMShape, chunks: list[int], policy: Any,
 
 def available_memory(device: Any) -> int:
     """Bytes free for a run: available RAM, or free memory on the CUDA device."""
-    if getattr(device, "type", str(device)) == "cuda":
+    if getattr(device, "type", str(device).split(":")[0]) == "cuda":
+        import torch
+
         free, _ = torch.cuda.mem_get_info(device)
         return int(free)
     import psutil

@@ -9,11 +9,12 @@ cache serve them as views of the detailed cache with no gathering at all.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar
-
-import torch
+from typing import TYPE_CHECKING, ClassVar
 
 from statekv.errors import UsageError
+
+if TYPE_CHECKING:  # naming and validating methods needs no torch (fast small commands)
+    import torch
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,8 @@ class Policy:
         candidates = positions.shape[-1]
         keep = candidates if self.capacity is None else min(self.capacity, candidates)
         if keep == candidates:
+            import torch
+
             return torch.arange(candidates, device=positions.device).expand(positions.shape[0], -1)
         top = self.scores(mass, positions).topk(keep, dim=-1, sorted=False).indices
         return top.sort(dim=-1).values
@@ -123,10 +126,14 @@ class Random(StateKV):
     generator: torch.Generator = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
+        import torch
+
         super().__post_init__()
         object.__setattr__(self, "generator", torch.Generator().manual_seed(self.seed))
 
     def scores(self, mass: torch.Tensor | None, positions: torch.Tensor) -> torch.Tensor:
+        import torch
+
         return torch.rand(positions.shape, generator=self.generator).to(positions.device)
 
 

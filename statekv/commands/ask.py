@@ -6,16 +6,18 @@ these and renders.
 
 from __future__ import annotations
 
-from typing import Any, Callable
-
-import torch
+from typing import TYPE_CHECKING, Any, Callable
 
 from statekv import accounting
 from statekv.commands.plan import RunOptions, load_model, plan_run, preflight, prefill_video
 from statekv.errors import UsageError
 from statekv.policies import check_method
-from statekv.prefill import PrefillEvent
-from statekv.session import Model, Session
+
+if TYPE_CHECKING:  # torch loads with the model, after the options and the video are checked
+    import torch
+
+    from statekv.prefill import PrefillEvent
+    from statekv.session import Model, Session
 
 
 def ask(path: str, questions: list[str], options: RunOptions, model: Model | None = None,
@@ -37,6 +39,8 @@ def ask(path: str, questions: list[str], options: RunOptions, model: Model | Non
 
 def kl_divergence(reference: torch.Tensor, other: torch.Tensor) -> float:
     """KL(reference || other) of two log-probability vectors, in nats."""
+    import torch
+
     return float(torch.sum(reference.exp() * (reference - other)).clamp_min(0.0))
 
 

@@ -10,17 +10,19 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
-
-import torch
+from typing import TYPE_CHECKING, Any, Callable
 
 from statekv import accounting, video
+from statekv.loading import ELEMENT_SIZES
 from statekv.units import format_bytes
 from statekv.errors import UsageError
 from statekv.policies import check_method, make_policy
 from statekv.presets import DEFAULT_PRESET, Preset, load_preset
-from statekv.prefill import PrefillEvent
-from statekv.session import Model, Session, load
+
+if TYPE_CHECKING:  # torch and transformers load only when a model runs: options, plans and
+    # `info` from a preset's numbers answer in well under a second
+    from statekv.prefill import PrefillEvent
+    from statekv.session import Model, Session
 
 
 @dataclass
@@ -102,6 +104,8 @@ def resolve(options: RunOptions) -> Resolved:
 
 def load_model(options: RunOptions, resolved: Resolved | None = None) -> tuple[Model, Resolved]:
     """Resolve the options (unless already resolved) and load the model once; reuse it."""
+    from statekv.session import load
+
     resolved = resolved or resolve(options)
     model = load(resolved.model, device=options.device, dtype=resolved.dtype,
                  revision=resolved.preset.revision if not options.model else None,
@@ -133,18 +137,21 @@ class RunPlan:
     chunks: list[int]
     flops: dict[str, int]
     memory: accounting.MemoryEstimate
-    device: torch.device
+    device: str  # "cpu", "cuda", "cuda:N" or "mps", as `--device auto` resolves here
+    dtype: str  # what the weights would be loaded in: float32, bfloat16 or float16
 
 
 def plan_run(path: str, options: RunOptions) -> RunPlan:
     """Probe the video, plan its frames and predict FLOPs per method and memory."""
-    from statekv.loading import resolve_device
+    from statekv.loading import device_type, dtype_name
 
     resolved = resolve(options)
     probe = video.probe(path)
     plan = video.plan_frames(probe, resolved.max_frames, fps=resolved.fps, start=options.start,
                              end=options.end, timestamps=video.frame_timestamps(path))
-    device = resolve_device(options.device)
+    kind = device_type(options.device)
+    device = kind if options.device in ("auto", "cpu") else options.device
+    dtype = dtype_name(resolved.dtype, options.device)
     layout = _layout(resolved, options, probe, plan)
     chunks = accounting.chunk_sizes(layout.tokens, resolved.chunk_frames or layout.frames_per_unit)
     flops = {}
@@ -155,10 +162,10 @@ def plan_run(path: str, options: RunOptions) -> RunPlan:
     total = sum(chunks)
     statekv = resolved.method == "statekv"
     memory = accounting.estimate_memory(
-        layout.shape, layout.parameters, _element_size(resolved.dtype, device), total,
+        layout.shape, layout.parameters, ELEMENT_SIZES[dtype], total,
         max(chunks[1:], default=0), min(resolved.budget, total) if statekv else 0,
         layout.hidden, layout.intermediate, mass=statekv)
-    return RunPlan(probe, plan, resolved, layout, chunks, flops, memory, device)
+    return RunPlan(probe, plan, resolved, layout, chunks, flops, memory, device, dtype)
 
 
 def preflight(plan: RunPlan, force: bool) -> None:
@@ -168,7 +175,7 @@ def preflight(plan: RunPlan, force: bool) -> None:
     need, free = plan.memory.peak_memory_bytes, accounting.available_memory(plan.device)
     if force or need <= free:
         return
-    where = "GPU memory" if plan.device.type == "cuda" else "free RAM"
+    where = "GPU memory" if plan.device.startswith("cuda") else "free RAM"
     raise ResourceError(
         f"this run needs about {format_bytes(need)} (weights {format_bytes(plan.memory.weights_bytes)}, "
         f"detailed cache {format_bytes(plan.memory.detailed_cache_bytes)}) but only "
@@ -190,12 +197,6 @@ class Layout:
     exact: bool = False
 
 
-def _element_size(dtype: str, device: torch.device) -> int:
-    from statekv.loading import resolve_dtype
-
-    return torch.empty((), dtype=resolve_dtype(dtype, device)).element_size()
-
-
 def _layout(resolved: Resolved, options: RunOptions, probe, plan) -> Layout:
     """Exact token layout from the checkpoint's processor when it is at hand, else the preset's."""
     checkpoint = _local_checkpoint(resolved.model)
@@ -212,12 +213,14 @@ def _layout(resolved: Resolved, options: RunOptions, probe, plan) -> Layout:
 
 
 def _local_checkpoint(model: str) -> str | None:
-    from statekv.loading import resolve_checkpoint
+    from statekv.loading import maybe_cached, resolve_checkpoint
     from statekv.errors import ModelError
     import os
 
     if Path(model).is_dir():
         return model
+    if not maybe_cached(model):
+        return None
     previous = os.environ.get("HF_HUB_OFFLINE")
     os.environ["HF_HUB_OFFLINE"] = "1"  # info never downloads
     try:
@@ -233,6 +236,7 @@ def _local_checkpoint(model: str) -> str | None:
 
 def _exact_layout(checkpoint: str, resolved: Resolved, probe, plan, options: RunOptions):
     """Build the adapter on a weightless (meta) model and ask it for the token layout."""
+    import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from statekv.loading import read_config
