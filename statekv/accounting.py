@@ -217,12 +217,14 @@ def rss_bytes() -> int:
 class PeakMemory:
     """Peak memory during a block, above the level just before it began.
 
-    On CUDA: max allocated bytes. On the CPU: process RSS sampled by a thread every ~10 ms,
-    so methods run one after another in one process do not inherit each other's peak.
+    On CUDA: max allocated bytes. On the CPU: process RSS sampled by a thread every ~10 ms.
+    `peak_above(level)` reads the same peak against another baseline, e.g. one taken once
+    before several methods run one after another (`compare`), so no method's figure depends
+    on what ran before it.
     """
 
     def __init__(self, device: torch.device | str = "cpu", interval: float = 0.01) -> None:
-        self.cuda = torch.device(device).type == "cuda"
+        self.cuda = getattr(device, "type", str(device).split(":")[0]) == "cuda"
         self.interval = interval
         self.baseline = 0
         self.peak = 0
@@ -235,6 +237,8 @@ class PeakMemory:
         first = not self._started
         self._started = True
         if self.cuda:
+            import torch
+
             torch.cuda.synchronize()
             if first:
                 torch.cuda.reset_peak_memory_stats()
@@ -253,14 +257,24 @@ class PeakMemory:
 
     def current(self) -> int:
         """Bytes in use now (RSS, or CUDA allocated)."""
-        return torch.cuda.memory_allocated() if self.cuda else rss_bytes()
+        return memory_in_use("cuda" if self.cuda else "cpu")
+
+    def peak_level(self) -> int:
+        """The highest level seen so far (absolute bytes, not above the baseline)."""
+        if self.cuda:
+            import torch
+
+            return int(torch.cuda.max_memory_allocated())
+        self.peak = max(self.peak, rss_bytes())
+        return self.peak
 
     def peak_bytes(self) -> int:
         """Peak so far above the baseline."""
-        if self.cuda:
-            return max(0, torch.cuda.max_memory_allocated() - self.baseline)
-        self.peak = max(self.peak, rss_bytes())
-        return max(0, self.peak - self.baseline)
+        return self.peak_above(self.baseline)
+
+    def peak_above(self, level: int) -> int:
+        """Peak so far above `level` (a baseline taken elsewhere, e.g. before several runs)."""
+        return max(0, self.peak_level() - level)
 
     def __exit__(self, *exc) -> None:
         if self._thread is not None:
@@ -268,6 +282,46 @@ class PeakMemory:
             self._thread.join()
             self._thread = None
         self.peak_bytes()
+
+
+def memory_in_use(device: Any = "cpu") -> int:
+    """Bytes in use now: process RSS, or CUDA allocated bytes."""
+    if getattr(device, "type", str(device).split(":")[0]) == "cuda":
+        import torch
+
+        return int(torch.cuda.memory_allocated())
+    return rss_bytes()
+
+
+def release_memory(device: Any = "cpu") -> int:
+    """Free what is no longer referenced and hand it back to the system; the level after.
+
+    Python's garbage, torch's CUDA cache, and (glibc) the heap pages malloc keeps after
+    frees, so a following measurement starts from the same level whatever ran before.
+    """
+    import gc
+
+    gc.collect()
+    if getattr(device, "type", str(device).split(":")[0]) == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+    else:
+        _malloc_trim()
+    return memory_in_use(device)
+
+
+def _malloc_trim() -> None:
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (musl): nothing to trim with
+        pass
 
 
 def synchronize(device: torch.device) -> None:

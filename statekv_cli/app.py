@@ -245,18 +245,21 @@ def presets_list(ctx: typer.Context, json_output: Json = False) -> None:
     """List shipped presets: name, model, family, parameters, tokens per frame, budget."""
     if ctx.invoked_subcommand is not None:
         return
-    from statekv.presets import list_presets
+    from statekv.presets import DEFAULT_PRESET, list_presets
+    from statekv.units import format_count
 
     presets = list_presets()
     if json_output:
-        emit_json([p.to_dict() for p in presets])
+        emit_json([{**p.to_dict(), "parameters": p.parameters, "default": p.name == DEFAULT_PRESET}
+                   for p in presets])
         return
-    table = Table()
+    table = Table(caption=f"* the default preset (used without --preset): {DEFAULT_PRESET}")
     for column in ("name", "model", "family", "params", "tokens/frame", "budget", "license"):
         table.add_column(column)
     for p in presets:
-        table.add_row(p.name, p.model, p.family, f"{p.parameters / 1e9:.2f} B",
-                      str(p.architecture.tokens_per_frame), str(p.budget), p.license)
+        table.add_row(p.name + (" *" if p.name == DEFAULT_PRESET else ""), p.model, p.family,
+                      format_count(p.parameters), str(p.architecture.tokens_per_frame),
+                      str(p.budget), p.license)
     out.print(table)
 
 

@@ -204,3 +204,21 @@ def test_info_and_compare_work_for_every_family(clip, checkpoints, name):
             assert (predicted["predicted"]["methods"][method]["lm_prefill_flops"]
                     == rows[method]["lm_prefill_flops"])
         assert predicted["tokens_per_frame"] == rows["full"]["stats"]["tokens_per_frame"]
+
+
+def test_compare_peak_memory_does_not_depend_on_the_order(clip, model_dir):
+    # Budget and window hold the whole video: every method does the same work, so each one's
+    # peak above the common baseline must come out the same whichever ran first.
+    common = ["--model", model_dir, "--json", "--budget", "100000", "--window-frames", "1000",
+              "--max-frames", "12", "--fps", "12", "--max-new-tokens", "2"]
+    peaks = {}
+    for order in ("full,window,statekv", "statekv,window,full"):
+        result = run("compare", clip, "what happens?", "--methods", order, *common)
+        assert result.exit_code == 0, result.output
+        record = json.loads(result.stdout)
+        assert record["memory_baseline_bytes"] > 0
+        peaks[order] = {row["method"]: row["peak_memory_bytes"] for row in record["methods"]}
+    first, second = peaks.values()
+    for method in ("full", "window", "statekv"):
+        a, b = first[method], second[method]
+        assert abs(a - b) <= max(0.2 * max(a, b), 2 * 2**20), (method, peaks)

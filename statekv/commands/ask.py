@@ -61,27 +61,43 @@ def compare(path: str, question: str, methods: list[str], options: RunOptions,
         preflight(run, options.force)
         model, _ = load_model(options, resolved)
     order = (["full"] if "full" not in methods else []) + list(methods)
-    results: dict[str, tuple[Session, Any]] = {}
-    for method in dict.fromkeys(order):  # full first: the others are compared with it
+    runs: dict[str, dict[str, Any]] = {}
+    # Methods run in the order given, and each one's peak is read above one baseline taken
+    # before the first: the previous session is dropped and its memory handed back before the
+    # next starts, so no figure depends on the order (tests/test_cli.py runs two orders).
+    baseline = accounting.release_memory(model.device)
+    for method in dict.fromkeys(order):
         session = prefill_video(model, resolved, options, path, method,
                           on_method(method) if on_method else None)
-        results[method] = (session, session.ask([question], resolved.max_new_tokens)[0])
-    full_answer = results["full"][1]
-    rows = [_compare_row(method, *results[method], full_answer) for method in methods]
-    settings = results[methods[0]][0].settings.to_dict()
-    shared = {k: v for k, v in settings.items() if k not in ("method", "budget", "window_frames")}
-    return {"path": path, "question": question, "settings": shared, "methods": rows}
+        runs[method] = _measured(session, session.ask([question], resolved.max_new_tokens)[0],
+                                 baseline)
+        del session
+        accounting.release_memory(model.device)
+    full_answer = runs["full"]["answer"]
+    rows = [_compare_row(method, runs[method], full_answer) for method in methods]
+    shared = {k: v for k, v in runs[methods[0]]["settings"].items()
+              if k not in ("method", "budget", "window_frames")}
+    return {"path": path, "question": question, "settings": shared,
+            "memory_baseline_bytes": baseline, "methods": rows}
 
 
-def _compare_row(method, session, answer, full_answer) -> dict[str, Any]:
+def _measured(session: Session, answer: Any, baseline: int) -> dict[str, Any]:
+    """What a compare row needs from a session, so the session itself can be freed."""
     stats = session.stats.to_dict()
-    return {"method": method, "budget": session.settings.budget,
-            "window_frames": session.settings.window_frames, "answer": answer.answer,
+    stats["peak_memory_bytes"] = session.memory.peak_above(baseline)
+    return {"answer": answer, "stats": stats, "settings": session.settings.to_dict(),
+            "warnings": list(session.warnings)}
+
+
+def _compare_row(method: str, run: dict[str, Any], full_answer: Any) -> dict[str, Any]:
+    answer, stats, settings = run["answer"], run["stats"], run["settings"]
+    return {"method": method, "budget": settings["budget"],
+            "window_frames": settings["window_frames"], "answer": answer.answer,
             "agrees_with_full": answer.answer == full_answer.answer,
             "first_token_kl_vs_full": kl_divergence(full_answer.first_token_logprobs,
                                                     answer.first_token_logprobs),
             **{key: stats[key] for key in FLATTENED}, "stats": stats,
-            "warnings": session.warnings}
+            "warnings": run["warnings"]}
 
 
 def info(path: str, options: RunOptions) -> dict[str, Any]:

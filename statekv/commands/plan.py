@@ -213,11 +213,11 @@ def _layout(resolved: Resolved, options: RunOptions, probe, plan) -> Layout:
 
 
 def _local_checkpoint(model: str) -> str | None:
-    from statekv.loading import maybe_cached, resolve_checkpoint
+    from statekv.loading import BUNDLED, maybe_cached, resolve_checkpoint
     from statekv.errors import ModelError
     import os
 
-    if Path(model).is_dir():
+    if model not in BUNDLED and Path(model).is_dir():  # ("statekv/demo" is also a source folder)
         return model
     if not maybe_cached(model):
         return None
