@@ -184,3 +184,49 @@ def prefill_display(label: str, enabled: bool, console: Console | None = None
             live.refresh()
 
         yield render
+
+
+class BatchView:
+    """`summarize`'s display: a line over the videos (bar, done/total, elapsed, remaining,
+    the current file), then the current video's prefill as `PrefillView` lays it out."""
+
+    def __init__(self, total: int) -> None:
+        import time
+
+        self.total, self.done, self.path = total, 0, "loading model"
+        self.started = time.perf_counter()
+        self.prefill: PrefillView | None = None
+
+    def _fields(self) -> Fields:
+        import time
+
+        from statekv.units import remaining
+
+        elapsed = time.perf_counter() - self.started
+        left = format_seconds(remaining(elapsed, self.done, self.total))
+        share = fraction(self.done, self.total)
+        count = f"{self.done}/{self.total}"
+        return Fields("videos", fraction=share, percent=format_fraction(share),
+                      frames=(f"{count} videos", f"{count} videos", count),
+                      elapsed=(f"elapsed {format_seconds(elapsed)}",) * 2 + (format_seconds(elapsed),),
+                      remaining=(f"remaining {left}", f"left {left}", f"left {left}"))
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        width = max(20, options.max_width - 1)
+        fields = self._fields()
+        head = [fields.label, BAR, fields.percent, fields.frames[0], fields.elapsed[0],
+                fields.remaining[0], self.path]
+        for parts, least in ((head, 10), (head[:-1], 10), (head[:2] + [fields.percent,
+                             fields.frames[1], fields.elapsed[1], fields.remaining[1]], 6)):
+            line = _line(parts, width, least, fields.fraction)
+            if line is not None:
+                break
+        else:
+            line = _truncated([fields.label, fields.frames[2], fields.remaining[2]], width)
+        yield line
+        if self.prefill is not None:
+            if line.plain.find(self.path) < 0 and self.path:
+                path = Text("  " + self.path)
+                path.truncate(width, overflow="ellipsis")
+                yield path
+            yield from self.prefill.__rich_console__(console, options)

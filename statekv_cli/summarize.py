@@ -8,15 +8,6 @@ from contextlib import contextmanager
 from typing import Annotated, Any
 
 import typer
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TaskProgressColumn,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 from rich.table import Table
 
 from statekv_cli.options import (
@@ -40,10 +31,13 @@ from statekv_cli.options import (
     Start,
     TrustRemoteCode,
     WindowFrames,
+    Json,
+    emit_json,
     err,
     handle_errors,
     run_options,
 )
+from statekv.units import format_fraction, fraction
 from statekv_cli.progress import flops, live_enabled
 
 
@@ -74,7 +68,7 @@ def summarize(
     window_frames: WindowFrames = None, max_frames: MaxFrames = None, fps: Fps = None,
     start: Start = None, end: End = None, chunk_frames: ChunkFrames = None,
     max_new_tokens: MaxNewTokens = None, device: Device = "auto", dtype: Dtype = None,
-    seed: Seed = 0, quiet: Quiet = False, debug: Debug = False,
+    seed: Seed = 0, json_output: Json = False, quiet: Quiet = False, debug: Debug = False,
     pin_prefix: PinPrefix = False, attention: Attention = "sdpa",
     trust_remote_code: TrustRemoteCode = False, force: Force = False,
 ) -> None:
@@ -83,10 +77,17 @@ def summarize(
     Rerunning with the same --out skips videos already done with the same settings and
     retries failed ones. Exit code 1 when some videos failed.
 
+    While it runs, --out is locked: a second run on the same file refuses, naming the first
+    one's pid, unless the two are different --shard parts of it (docs/summarize.md).
+
     Example: statekv summarize videos/ --out summaries.jsonl --max-frames 128 --shard 1/4
     """
     from statekv.commands import summarize as batch
+    from statekv.errors import UsageError
 
+    if json_output and out_path == "-":
+        raise UsageError("--json prints the final record on stdout, where --out - writes the "
+                         "summaries; give --out a file")
     options = run_options(
         preset=preset, model=model, method=method, budget=budget, window_frames=window_frames,
         max_frames=max_frames, fps=fps, start=start, end=end, chunk_frames=chunk_frames,
@@ -95,17 +96,23 @@ def summarize(
         force=force)
     options.validate()
     videos = batch.find_videos(paths, glob)
-    if shard_spec:
-        videos = batch.shard(videos, *batch.parse_shard(shard_spec))
+    part = batch.parse_shard(shard_spec) if shard_spec else None
+    if part:
+        videos = batch.shard(videos, *part)
     if not videos:
         if not quiet:
             err.print("statekv: no videos found", markup=False)
+        if json_output:
+            emit_json(batch.BatchResult().record(out_path))
         return
-    live = live_enabled(quiet, False)
+    live = live_enabled(quiet, json_output)
     with _batch_display(len(videos), live, quiet) as (on_video, on_event):
         result = batch.summarize(videos, options, prompt, out_path, redo, on_video=on_video,
-                                 on_event=on_event, use_ray=use_ray, ray_address=ray_address)
-    if not quiet:
+                                 on_event=on_event, use_ray=use_ray, ray_address=ray_address,
+                                 shard=part if part and part[1] > 1 else None)
+    if json_output:
+        emit_json(result.record(out_path))
+    elif not quiet:
         err.print(_summary_table(result, out_path))
     if result.failed:
         raise typer.Exit(1)
@@ -125,8 +132,9 @@ def _batch_display(total: int, live: bool, quiet: bool) -> Iterator[tuple[Any, A
             status = "skipped (already done)"
         elif record["status"] == "ok":
             stats = record["stats"]
-            ratio = stats["lm_prefill_flops"] / max(1, stats["full_lm_prefill_flops"])
-            status = f"ok, LM prefill {flops(stats['lm_prefill_flops'])} ({ratio:.0%} of full)"
+            share = format_fraction(fraction(stats["lm_prefill_flops"],
+                                             stats["full_lm_prefill_flops"]))
+            status = f"ok, LM prefill {flops(stats['lm_prefill_flops'])} ({share} of full)"
         else:
             status = f"error: {record['error']['type']}: {record['error']['message']}"
         err.print(f"[{counter['n']}/{total}] {path}: {status}", markup=False)
@@ -137,45 +145,45 @@ def _batch_display(total: int, live: bool, quiet: bool) -> Iterator[tuple[Any, A
     if not live:
         yield line, None
         return
-    progress = Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), TaskProgressColumn(),
-        MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
-        TextColumn("{task.fields[detail]}"), console=err, transient=False, refresh_per_second=8)
-    with progress:
-        overall = progress.add_task("videos", total=total, detail="loading model")
-        current = progress.add_task("prefill", total=None, detail="", visible=False)
-        state = {"started": time.perf_counter()}
+    from rich.live import Live
+
+    from statekv_cli.progress import BatchView, PrefillView
+
+    view = BatchView(total)
+    with Live(view, console=err, transient=False, refresh_per_second=4) as display:
 
         def on_video(kind: str, path: str, record: dict | None) -> None:
             if kind == "start":
-                state["started"] = time.perf_counter()
-                progress.update(current, description="prefill", total=None, completed=0,
-                                visible=True, detail=path)
-                progress.update(overall, detail=path)
-                return
-            progress.advance(overall)
-            if kind == "done" and record["status"] != "ok":
-                progress.console.print(f"error: {path}: {record['error']['message']}",
-                                       markup=False)
+                view.path, view.prefill = path, PrefillView("prefill")
+            else:
+                view.done += 1
+                if kind == "done" and record["status"] != "ok":
+                    display.console.print(f"error: {path}: {record['error']['message']}",
+                                          markup=False)
+            display.refresh()
 
         def on_event(event: Any) -> None:
-            saved = 1 - event.lm_prefill_flops / max(1, event.full_lm_prefill_flops)
-            progress.update(current, total=event.frames_total, completed=event.frames_done,
-                            detail=f"LM {flops(event.lm_prefill_flops)} ({saved:.0%} saved "
-                                   f"vs full {flops(event.full_lm_prefill_flops)})")
+            if view.prefill is not None:
+                view.prefill.update(event)
+            display.refresh()
 
         yield on_video, on_event
-        progress.update(current, visible=False)
-        progress.update(overall, detail="")
+        view.prefill, view.path = None, ""
+        display.refresh()
 
 
 def _summary_table(result: Any, out_path: str) -> Table:
-    table = Table(title=f"summaries -> {'stdout' if out_path == '-' else out_path}")
-    for column in ("done", "skipped", "failed", "LM prefill", "saving vs full", "time"):
-        table.add_column(column)
-    table.add_row(str(result.done), str(result.skipped), str(result.failed),
-                  flops(result.lm_prefill_flops),
-                  f"{result.saving:.0%} (full: {flops(result.full_lm_prefill_flops)})",
-                  f"{result.seconds:.1f} s")
-    return table
+    from statekv.units import format_flops, format_fraction, format_seconds
 
+    table = Table(title=f"summaries -> {'stdout' if out_path == '-' else out_path}")
+    for column in ("done", "skipped", "failed", "LM prefill", "of full attention's", "time"):
+        table.add_column(column)
+    share = result.fraction_of_full
+    if share is None:  # nothing was prefilled this run (all skipped or all failed)
+        cost, versus = "none this run", "-"
+    else:
+        cost = format_flops(result.lm_prefill_flops)
+        versus = f"{format_fraction(share)} of {format_flops(result.full_lm_prefill_flops)}"
+    table.add_row(str(result.done), str(result.skipped), str(result.failed), cost, versus,
+                  format_seconds(result.seconds))
+    return table

@@ -264,6 +264,20 @@ class BatchResult:
             return 0.0
         return 1.0 - self.lm_prefill_flops / self.full_lm_prefill_flops
 
+    @property
+    def fraction_of_full(self) -> float | None:
+        """LM prefill FLOPs as a fraction of full attention's; None when nothing was prefilled."""
+        from statekv.units import fraction
+
+        return fraction(self.lm_prefill_flops, self.full_lm_prefill_flops)
+
+    def record(self, out: str) -> dict[str, Any]:
+        """The one final record `statekv summarize --json` prints (docs/summarize.md)."""
+        return {"out": out, "done": self.done, "skipped": self.skipped, "failed": self.failed,
+                "lm_prefill_flops": self.lm_prefill_flops,
+                "full_lm_prefill_flops": self.full_lm_prefill_flops,
+                "seconds": round(self.seconds, 3)}
+
     def add(self, record: dict[str, Any]) -> None:
         self.records.append(record)
         if record["status"] == "ok":
@@ -351,18 +365,31 @@ def _refuse_output_over_input(out: str, videos: list[str]) -> None:
 def summarize(videos: list[str], options: Any, prompt: str | None = None,
               out: str = "summaries.jsonl", redo: bool = False, *,
               on_video: OnVideo | None = None, on_event: Callable[[Any], None] | None = None,
-              use_ray: bool = False, ray_address: str | None = None) -> BatchResult:
+              use_ray: bool = False, ray_address: str | None = None,
+              shard: tuple[int, int] | None = None) -> BatchResult:
     """Summarise each video (one prefill each) and append one record per video to `out`.
 
     Videos already in `out` with status ok, the same settings hash and the same file size
     and mtime are skipped unless `redo` (`out="-"` writes to stdout and never resumes).
     The model is loaded once (per Ray actor with `use_ray`). KeyboardInterrupt propagates;
-    every line already written stays valid.
+    every line already written stays valid. While it runs, `out` is locked (statekv.locks):
+    a second run on the same `out` refuses at once naming this one's pid, unless both are
+    different shards (`shard=(K, N)`, the videos already cut with `shard()`) of that file.
     """
+    from statekv.locks import output_lock
+
+    _refuse_output_over_input(out, videos)
+    part = f"{shard[0]}/{shard[1]}" if shard else None
+    with output_lock(out, part, what="summary file"):
+        return _summarize(videos, options, prompt, out, redo, on_video, on_event, use_ray,
+                          ray_address)
+
+
+def _summarize(videos, options, prompt, out, redo, on_video, on_event, use_ray,
+               ray_address) -> BatchResult:
     from statekv.commands import plan as planning
 
     started = time.perf_counter()
-    _refuse_output_over_input(out, videos)
     resolved = planning.resolve(options)
     prompt = prompt if prompt else resolved.preset.summary_prompt
     settings = requested_settings(resolved, options, prompt)
