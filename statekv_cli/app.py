@@ -172,6 +172,7 @@ def compare(
         emit_json(record)
         return
     out.print(_compare_table(record))
+    _print_warnings(record["warnings"], quiet)
     for row in record["methods"]:
         _print_warnings([f"{row['method']}: {w}" for w in row["warnings"]], quiet)
 
@@ -223,13 +224,14 @@ def info(
         ("duration", f"{record['duration_seconds']:.1f} s"), ("fps", f"{record['fps']:.2f}"),
         ("frames", str(record["frame_count"])),
         ("resolution", f"{record['width']}x{record['height']}"), ("codec", str(record["codec"])),
-        ("model", f"{record['model']} (preset {record['preset']})"),
+        ("model", record["model"] if record["model_from"] == "--model"
+         else f"{record['model']} (preset {record['preset']})"),
         ("sampled frames", str(record["sampled_frames"])),
         ("tokens per frame", str(record["tokens_per_frame"])),
         *[(f"LM prefill, {name}", flops(m["lm_prefill_flops"]))
           for name, m in predicted["methods"].items()],
         ("detailed cache", size(predicted["detailed_cache_bytes"])),
-        ("weights", size(predicted["weights_bytes"])),
+        ("weights", f"{size(predicted['weights_bytes'])} ({record['dtype']} on {record['device']})"),
         ("peak memory (estimate)", size(predicted["peak_memory_bytes"])),
     ]
     for key, value in rows:

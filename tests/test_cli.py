@@ -222,3 +222,28 @@ def test_compare_peak_memory_does_not_depend_on_the_order(clip, model_dir):
     for method in ("full", "window", "statekv"):
         a, b = first[method], second[method]
         assert abs(a - b) <= max(0.2 * max(a, b), 2 * 2**20), (method, peaks)
+
+
+def test_info_with_a_model_dir_names_no_preset_and_the_dtype(clip, model_dir):
+    result = run("info", clip, "--model", model_dir, "--max-frames", "4", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert "(preset" not in result.stdout and model_dir in result.stdout
+    assert "float32 on cpu" in result.stdout  # auto on the CPU: the weights' dtype is named
+    record = json.loads(run("info", clip, "--model", model_dir, "--max-frames", "4", "--json",
+                            "--device", "cpu", "--dtype", "bfloat16").stdout)
+    assert record["model_from"] == "--model" and record["dtype"] == "bfloat16"
+    by_preset = json.loads(run("info", clip, "--max-frames", "4", "--json", "--device", "cpu").stdout)
+    assert by_preset["model_from"] == "preset"
+
+
+def test_demo_model_on_a_real_video_warns_in_one_line(clip, tmp_path):
+    from conftest import write_video
+
+    args = ["--preset", "demo", "--max-frames", "2", "--fps", "4", "--max-new-tokens", "2"]
+    real = run("ask", clip, "hat color?", *args)
+    assert real.exit_code == 0, real.output
+    warnings = [line for line in real.stderr.splitlines() if "demo model" in line]
+    assert len(warnings) == 1 and warnings[0].startswith("warning: ")
+    synthetic = write_video(tmp_path / "synthetic.mp4", frames=4, size=(32, 32))
+    quiet = json.loads(run("ask", synthetic, "hat color?", "--json", *args).stdout)
+    assert not any("demo model" in w for w in quiet["warnings"])

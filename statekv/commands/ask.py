@@ -34,7 +34,7 @@ def ask(path: str, questions: list[str], options: RunOptions, model: Model | Non
     answers = session.ask(questions, resolved.max_new_tokens)
     return {"path": path, "settings": session.settings.to_dict(),
             "answers": [a.to_dict() for a in answers], "stats": session.stats.to_dict(),
-            "warnings": session.warnings}
+            "warnings": run.warnings + session.warnings}
 
 
 def kl_divergence(reference: torch.Tensor, other: torch.Tensor) -> float:
@@ -78,7 +78,7 @@ def compare(path: str, question: str, methods: list[str], options: RunOptions,
     shared = {k: v for k, v in runs[methods[0]]["settings"].items()
               if k not in ("method", "budget", "window_frames")}
     return {"path": path, "question": question, "settings": shared,
-            "memory_baseline_bytes": baseline, "methods": rows}
+            "memory_baseline_bytes": baseline, "methods": rows, "warnings": run.warnings}
 
 
 def _measured(session: Session, answer: Any, baseline: int) -> dict[str, Any]:
@@ -110,6 +110,8 @@ def info(path: str, options: RunOptions) -> dict[str, Any]:
             "frame_timestamps": list(run.frames.timestamps),
             "tokens_per_frame": run.layout.tokens_per_frame,
             "model": run.resolved.model, "preset": run.resolved.preset.name,
+            "model_from": "--model" if options.model else "preset",
+            "device": run.device, "dtype": run.dtype,
             "predicted": {"methods": {m: {"lm_prefill_flops": f} for m, f in run.flops.items()},
                           "detailed_cache_bytes": run.memory.detailed_cache_bytes,
                           "weights_bytes": run.memory.weights_bytes,

@@ -8,7 +8,7 @@ weights load, so a bad file or an oversized run fails in a second, not after the
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -139,6 +139,7 @@ class RunPlan:
     memory: accounting.MemoryEstimate
     device: str  # "cpu", "cuda", "cuda:N" or "mps", as `--device auto` resolves here
     dtype: str  # what the weights would be loaded in: float32, bfloat16 or float16
+    warnings: list[str] = field(default_factory=list)
 
 
 def plan_run(path: str, options: RunOptions) -> RunPlan:
@@ -165,7 +166,22 @@ def plan_run(path: str, options: RunOptions) -> RunPlan:
         layout.shape, layout.parameters, ELEMENT_SIZES[dtype], total,
         max(chunks[1:], default=0), min(resolved.budget, total) if statekv else 0,
         layout.hidden, layout.intermediate, mass=statekv)
-    return RunPlan(probe, plan, resolved, layout, chunks, flops, memory, device, dtype)
+    warning = demo_warning(resolved.model, probe)
+    return RunPlan(probe, plan, resolved, layout, chunks, flops, memory, device, dtype,
+                   [warning] if warning else [])
+
+
+def demo_warning(model: str, probe: video.VideoInfo) -> str | None:
+    """A one-line warning when the shipped demo model is pointed at a video that is not one
+    of its synthetic ones (those are FRAME_SIZE x FRAME_SIZE pixels): its answer means nothing."""
+    from statekv.demo.synthetic import FRAME_SIZE
+    from statekv.loading import BUNDLED
+
+    if model not in BUNDLED or (probe.width, probe.height) == (FRAME_SIZE, FRAME_SIZE):
+        return None
+    return (f"the demo model only understands statekv's synthetic {FRAME_SIZE}x{FRAME_SIZE} "
+            f"videos (see `statekv demo`); on this {probe.width}x{probe.height} video its answers "
+            f"are noise; use a real model, e.g. --preset {DEFAULT_PRESET}")
 
 
 def preflight(plan: RunPlan, force: bool) -> None:

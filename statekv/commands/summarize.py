@@ -341,6 +341,10 @@ def summarize_one(model: Any, resolved: Any, options: Any, path: str, prompt: st
         record.update(settings=dict(session.settings.to_dict(), prompt=prompt), status="ok",
                       summary=answer.answer, stats=session.stats.to_dict(),
                       warnings=list(session.warnings))
+        from statekv import video
+
+        warning = planning.demo_warning(resolved.model, video.probe(source))
+        record["warnings"] += [warning] if warning else []
     except KeyboardInterrupt:
         raise
     except Exception as exc:  # noqa: BLE001 - one bad video must not end the batch
