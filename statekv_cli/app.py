@@ -159,6 +159,8 @@ def compare(
     displays: list[Any] = []
 
     def on_method(method: str):
+        while displays:  # the previous method's line stays as it ended; one live at a time
+            displays.pop().__exit__(None, None, None)
         display = prefill_display(method, live)
         displays.append(display)
         return display.__enter__()
@@ -166,31 +168,48 @@ def compare(
     try:
         record = library.compare(video, question, names, options, on_method=on_method)
     finally:
-        for display in displays:
-            display.__exit__(None, None, None)
+        while displays:
+            displays.pop().__exit__(None, None, None)
     if json_output:
         emit_json(record)
         return
     out.print(_compare_table(record))
+    out.print(_compare_answers(record), markup=False)
     _print_warnings(record["warnings"], quiet)
     for row in record["methods"]:
         _print_warnings([f"{row['method']}: {w}" for w in row["warnings"]], quiet)
 
 
 def _compare_table(record: dict) -> Table:
-    table = Table(title=f"{record['path']}: {record['question']}")
-    for column in ("method", "answer", "agrees", "KL vs full", "LM FLOPs", "vision FLOPs",
-                   "prefill s", "peak mem", "carried", "detailed"):
-        table.add_column(column, overflow="fold")
+    from rich import box
+
+    from statekv.units import format_seconds
+
+    # Numbers only, narrow headers, no column borders: the header stays on one line at 100
+    # columns (tested); the answers follow the table, one line per method.
+    table = Table(title=f"{record['path']}: {record['question']}", box=box.SIMPLE_HEAD,
+                  padding=(0, 1, 0, 0), pad_edge=False, caption_justify="left",
+                  caption="same: the same answer as full; KL: first-token KL divergence from "
+                          "full (nats); peak: memory above the level before the first method")
+    for column in ("method", "same", "KL", "LM FLOPs", "vision", "prefill", "peak", "carried",
+                   "detailed"):
+        table.add_column(column, no_wrap=True)
     for row in record["methods"]:
-        setting = {"statekv": f" B={row['budget']}", "window": f" {row['window_frames']} fr"}
-        table.add_row(row["method"] + setting.get(row["method"], ""), row["answer"],
-                      "yes" if row["agrees_with_full"] else "no",
+        table.add_row(_method_name(row), "yes" if row["agrees_with_full"] else "no",
                       f"{row['first_token_kl_vs_full']:.4f}", flops(row["lm_prefill_flops"]),
-                      flops(row["vision_flops"]), f"{row['lm_prefill_seconds']:.2f}",
+                      flops(row["vision_flops"]), format_seconds(row["lm_prefill_seconds"]),
                       size(row["peak_memory_bytes"]), str(row["carried_tokens"]),
                       str(row["detailed_tokens"]))
     return table
+
+
+def _method_name(row: dict) -> str:
+    setting = {"statekv": f" B={row['budget']}", "window": f" {row['window_frames']} fr"}
+    return row["method"] + setting.get(row["method"], "")
+
+
+def _compare_answers(record: dict) -> str:
+    return "\n".join(f"{_method_name(row)}: {row['answer']}" for row in record["methods"])
 
 
 @app.command()

@@ -72,3 +72,22 @@ def test_summarize_view_fits(width):
     lines = render(batch, width)
     assert all(len(line) < width for line in lines), lines
     assert "3/10" in lines[0] and "42/132" in " ".join(lines)
+
+
+def test_compare_table_header_does_not_wrap_at_100_columns():
+    from statekv_cli.app import _compare_table
+
+    row = dict(answer="a person walks into the kitchen and opens the fridge", agrees_with_full=True,
+               first_token_kl_vs_full=0.0123, lm_prefill_flops=1_230_000_000_000,
+               vision_flops=12_340_000_000, lm_prefill_seconds=12.3,
+               peak_memory_bytes=300 * 2**20, carried_tokens=4096, detailed_tokens=13200)
+    record = {"path": "movie.mp4", "question": "what happens?", "methods": [
+        dict(row, method="full", budget=None, window_frames=None),
+        dict(row, method="window", budget=None, window_frames=16),
+        dict(row, method="statekv", budget=4096, window_frames=None)]}
+    lines = render(_compare_table(record), 100)
+    header = next(i for i, line in enumerate(lines) if "method" in line)
+    assert lines[header].split() == ["method", "same", "KL", "LM", "FLOPs", "vision", "prefill",
+                                     "peak", "carried", "detailed"]
+    assert "─" in lines[header + 1]  # the rule right below: the header took one line
+    assert "…" not in "".join(lines) and all(len(line) <= 100 for line in lines)

@@ -255,8 +255,10 @@ def test_ray_backend_same_records_as_local(first_run, folder, good, model_dir, l
 
 
 # --json, the all-skipped table, the output lock ------------------------------------------
-def test_json_final_record_and_all_skipped_table(first_run, good, model_dir):
-    _, out = first_run
+def test_json_final_record_and_all_skipped_table(good, model_dir, tmp_path):
+    out = tmp_path / "s.jsonl"
+    good = good[:1]
+    assert run(*good, "--model", model_dir, "--out", out, *FAST).exit_code == 0
     result = run(*good, "--model", model_dir, "--out", out, "--json", *FAST)
     assert result.exit_code == 0, result.output
     record = json.loads(result.stdout)  # exactly one JSON document on stdout
