@@ -114,6 +114,8 @@ def ask(
         pin_prefix=pin_prefix, attention=attention, trust_remote_code=trust_remote_code,
         force=force)
     all_questions = list(questions or []) + (plan.read_questions(questions_file) if questions_file else [])
+    library.check_questions(all_questions)  # option errors answer before any display or load
+    options.validate()
     with prefill_display("prefill", live_enabled(quiet, json_output)) as on_event:
         record = library.ask(video, all_questions, options, on_event=on_event)
     if json_output:
@@ -155,6 +157,7 @@ def compare(
         pin_prefix=pin_prefix, attention=attention, trust_remote_code=trust_remote_code,
         force=force)
     names = [m.strip() for m in methods.split(",") if m.strip()]
+    library.check_compare(names, options)  # option errors answer before any display or load
     live = live_enabled(quiet, json_output)
     displays: list[Any] = []
 
@@ -257,8 +260,7 @@ def info(
         table.add_row(key, value)
     out.print(table)
     if not predicted["exact_layout"]:
-        err.print("note: the checkpoint is not available locally; token counts come from the "
-                  "preset's numbers (approximate)")
+        err.print("note: the checkpoint is not here; token counts are estimated from the preset")
 
 
 @presets_app.callback()
@@ -274,13 +276,24 @@ def presets_list(ctx: typer.Context, json_output: Json = False) -> None:
         emit_json([{**p.to_dict(), "parameters": p.parameters, "default": p.name == DEFAULT_PRESET}
                    for p in presets])
         return
-    table = Table(caption=f"* the default preset (used without --preset): {DEFAULT_PRESET}")
-    for column in ("name", "model", "family", "params", "tokens/frame", "budget", "license"):
-        table.add_column(column)
+    from rich import box
+
+    # Names stay whole (they are what --preset takes); the rest folds on narrow terminals.
+    table = Table(caption=f"* the default preset (used without --preset): {DEFAULT_PRESET}",
+                  box=box.SIMPLE_HEAD, padding=(0, 1, 0, 0), pad_edge=False,
+                  caption_justify="left")
+    # Below 130 columns: family and license go (`presets show NAME` has them), model last.
+    wide = (out.width or 200) >= 130
+    columns = (("name", "model", "family", "params", "tokens/frame", "budget", "license") if wide
+               else ("name", "params", "tokens/frame", "budget", "model"))
+    for column in columns:
+        table.add_column(column, no_wrap=column != "model", overflow="fold")
     for p in presets:
-        table.add_row(p.name + (" *" if p.name == DEFAULT_PRESET else ""), p.model, p.family,
-                      format_count(p.parameters), str(p.architecture.tokens_per_frame),
-                      str(p.budget), p.license)
+        cells = {"name": p.name + (" *" if p.name == DEFAULT_PRESET else ""), "model": p.model,
+                 "family": p.family, "params": format_count(p.parameters),
+                 "tokens/frame": str(p.architecture.tokens_per_frame), "budget": str(p.budget),
+                 "license": p.license}
+        table.add_row(*(cells[c] for c in columns))
     out.print(table)
 
 

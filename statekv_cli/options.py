@@ -14,7 +14,8 @@ import typer
 from rich.console import Console
 
 out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 200)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
+# On a terminal, messages wrap at word boundaries; in logs, each stays one line.
+err = Console(stderr=True, highlight=False, soft_wrap=not sys.stderr.isatty())
 
 
 # Options shared by the commands that run a model ------------------------------------------

@@ -23,8 +23,7 @@ if TYPE_CHECKING:  # torch loads with the model, after the options and the video
 def ask(path: str, questions: list[str], options: RunOptions, model: Model | None = None,
         on_event: Callable[[PrefillEvent], None] | None = None) -> dict[str, Any]:
     """`statekv ask`: one prefill, every answer; the CONTRACTS.md record."""
-    if not questions:
-        raise UsageError("give at least one question (or --questions FILE)")
+    check_questions(questions)
     run = plan_run(path, options)  # a bad file or option fails before the model loads
     resolved = run.resolved
     if model is None:
@@ -35,6 +34,21 @@ def ask(path: str, questions: list[str], options: RunOptions, model: Model | Non
     return {"path": path, "settings": session.settings.to_dict(),
             "answers": [a.to_dict() for a in answers], "stats": session.stats.to_dict(),
             "warnings": run.warnings + session.warnings}
+
+
+def check_questions(questions: list[str]) -> None:
+    """A UsageError when there is nothing to ask (checked before anything loads)."""
+    if not questions:
+        raise UsageError("give at least one question (or --questions FILE)")
+
+
+def check_compare(methods: list[str], options: RunOptions) -> None:
+    """compare's option errors, before anything loads."""
+    options.validate()
+    if not methods:
+        raise UsageError("give at least one method to --methods, e.g. full,window,statekv")
+    for method in methods:
+        check_method(method, option="--methods")
 
 
 def kl_divergence(reference: torch.Tensor, other: torch.Tensor) -> float:
@@ -53,8 +67,7 @@ def compare(path: str, question: str, methods: list[str], options: RunOptions,
             on_method: Callable[[str], Callable[[PrefillEvent], None] | None] | None = None,
             ) -> dict[str, Any]:
     """`statekv compare`: every method on the same frames; agreement with full."""
-    for method in methods:
-        check_method(method, option="--methods")
+    check_compare(methods, options)
     run = plan_run(path, options)  # a bad file or option fails before the model loads
     resolved = run.resolved
     if model is None:
