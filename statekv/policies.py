@@ -33,7 +33,7 @@ class Policy:
 
     def scores(self, mass: torch.Tensor | None, positions: torch.Tensor) -> torch.Tensor:
         """Higher is kept first; by default the most recent entries win."""
-        return positions.to(torch.float32)
+        return positions.float()
 
     def select(self, mass: torch.Tensor | None, positions: torch.Tensor) -> torch.Tensor:
         """Indices (kv_heads, kept) of the entries to carry, sorted ascending.

@@ -167,7 +167,7 @@ def test_live_progress_renders_in_a_terminal(clip, model_dir):
     import subprocess
 
     leader, follower = pty.openpty()
-    env = dict(os.environ, COLUMNS="160", HF_HUB_OFFLINE="1")
+    env = dict(os.environ, COLUMNS="200", HF_HUB_OFFLINE="1")  # wide: every detail shows
     process = subprocess.Popen(
         [sys.executable, "-m", "statekv_cli.app", "ask", str(clip), "what happens?", "--model",
          model_dir, *FAST], stdin=follower, stdout=follower, stderr=follower, env=env)
@@ -183,7 +183,7 @@ def test_live_progress_renders_in_a_terminal(clip, model_dir):
         output += data
     assert process.wait(timeout=120) == 0
     text = output.decode(errors="replace")
-    assert "4/4 frames" in text and "carried" in text and "tok/s" in text
+    assert "4/4 frames" in text and "carried" in text and "tokens/s" in text
     assert "A: " in text
 
 
