@@ -357,7 +357,8 @@ def plot_eval(report: EvalReport, path: str | Path) -> Path:
         raise UsageError("the plot needs matplotlib: pip install 'statekv[plot]' "
                          "(or drop --plot)") from None
     lengths = sorted({r.frames for r in report.rows})
-    fig, axes = plt.subplots(1, len(lengths), figsize=(4.5 * len(lengths), 3.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(lengths), figsize=(4.5 * len(lengths) + 1.4, 3.6),
+                             squeeze=False)
     for ax, frames in zip(axes[0], lengths):
         rows = [r for r in report.rows if r.frames == frames]
         for r in rows:  # full and isolated: one point each
@@ -386,7 +387,10 @@ def plot_eval(report: EvalReport, path: str | Path) -> Path:
         chance = max(report.chance.values())
         ax.axhline(chance, color="gray", linewidth=0.8, linestyle=":",
                    label=f"chance ({chance:.0%})")
-    axes[0][-1].legend(fontsize=7, loc="upper left")
+        ax.annotate(f"chance {chance:.0%}", (1.0, chance), xycoords=("axes fraction", "data"),
+                    xytext=(-3, -8), textcoords="offset points", fontsize=6, color="gray",
+                    ha="right")
+    axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))  # off the data
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
