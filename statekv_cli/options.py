@@ -61,10 +61,12 @@ Force = Annotated[bool, typer.Option(
 
 def run_options(**kwargs: Any):
     from statekv.commands.plan import RunOptions
-    from statekv.video import parse_time
 
-    kwargs["start"] = parse_time(kwargs.get("start"))
-    kwargs["end"] = parse_time(kwargs.get("end"))
+    if kwargs.get("start") is not None or kwargs.get("end") is not None:
+        from statekv.video import parse_time  # (numpy: only when there is a time to parse)
+
+        kwargs["start"] = parse_time(kwargs.get("start"))
+        kwargs["end"] = parse_time(kwargs.get("end"))
     return RunOptions(**kwargs)
 
 

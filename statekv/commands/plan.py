@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from statekv import accounting, video
+from statekv import accounting
 from statekv.loading import ELEMENT_SIZES
 from statekv.units import format_bytes
 from statekv.errors import UsageError
@@ -20,7 +20,8 @@ from statekv.policies import check_method, make_policy
 from statekv.presets import DEFAULT_PRESET, Preset, load_preset
 
 if TYPE_CHECKING:  # torch and transformers load only when a model runs: options, plans and
-    # `info` from a preset's numbers answer in well under a second
+    # `info` from a preset's numbers answer in well under a second (numpy: with the video)
+    from statekv import video
     from statekv.prefill import PrefillEvent
     from statekv.session import Model, Session
 
@@ -144,6 +145,7 @@ class RunPlan:
 
 def plan_run(path: str, options: RunOptions) -> RunPlan:
     """Probe the video, plan its frames and predict FLOPs per method and memory."""
+    from statekv import video
     from statekv.loading import device_type, dtype_name
 
     resolved = resolve(options)
