@@ -13,10 +13,11 @@ import os
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import nn
+if TYPE_CHECKING:  # predictions need no torch: `info` and the preflight stay fast
+    import torch
+    from torch import nn
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,8 @@ class LMShape:
 
     @classmethod
     def from_model(cls, language_model: nn.Module, text_config: Any) -> "LMShape":
+        from torch import nn
+
         layers = getattr(language_model, "layers", None)
         modules = layers.modules() if layers is not None else language_model.modules()
         linear = sum(m.in_features * m.out_features for m in modules if isinstance(m, nn.Linear))
@@ -114,6 +117,9 @@ def mass_pass(policy: Any, carried: int, pinned: int, tokens: int) -> bool:
     return policy.needs_mass and carried - pinned + tokens > (policy.capacity or 0)
 
 
+# Score entries per block of the two-pass mass pass (4M float32 = 16 MB): bounds its memory.
+# Defined here, torch-free, because the memory estimate needs it before any model loads.
+MASS_BLOCK_ENTRIES = 1 << 22
 RUNTIME_BYTES = 64 * 2**20  # processor, tokenizer, kernels' workspaces, decoder: measured ~60-70 MB
 ANSWER_ROOM = 512  # tokens the detailed cache reserves after the video for a question
 
@@ -154,8 +160,6 @@ def estimate_memory(shape: LMShape, parameters: int, element_size: int, total_to
     activations = chunk_tokens * activation_bytes_per_token(hidden, intermediate, element_size)
     activations += ANSWER_ROOM * per_token
     if mass:
-        from statekv.attention import MASS_BLOCK_ENTRIES  # scores the mass pass holds at once
-
         rows = shape.heads * chunk_tokens
         activations += 4 * min(rows * (carried_tokens + chunk_tokens),
                                max(MASS_BLOCK_ENTRIES, rows * chunk_tokens))
@@ -175,6 +179,7 @@ def full_prefill_flops(shape: LMShape, chunk_tokens: list[int]) -> int:
 def _register_cpu_sdpa_formula() -> None:
     # torch has no FLOP formula for the CPU flash kernel, so the counter would see 0 for
     # vision attention on the CPU; give it the same formula as the CUDA kernels.
+    import torch
     from torch.utils import flop_counter
 
     op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
@@ -217,12 +222,14 @@ def rss_bytes() -> int:
 class PeakMemory:
     """Peak memory during a block, above the level just before it began.
 
-    On CUDA: max allocated bytes. On the CPU: process RSS sampled by a thread every ~10 ms,
-    so methods run one after another in one process do not inherit each other's peak.
+    On CUDA: max allocated bytes. On the CPU: process RSS sampled by a thread every ~10 ms.
+    `peak_above(level)` reads the same peak against another baseline, e.g. one taken once
+    before several methods run one after another (`compare`), so no method's figure depends
+    on what ran before it.
     """
 
     def __init__(self, device: torch.device | str = "cpu", interval: float = 0.01) -> None:
-        self.cuda = torch.device(device).type == "cuda"
+        self.cuda = getattr(device, "type", str(device).split(":")[0]) == "cuda"
         self.interval = interval
         self.baseline = 0
         self.peak = 0
@@ -235,6 +242,8 @@ class PeakMemory:
         first = not self._started
         self._started = True
         if self.cuda:
+            import torch
+
             torch.cuda.synchronize()
             if first:
                 torch.cuda.reset_peak_memory_stats()
@@ -253,14 +262,24 @@ class PeakMemory:
 
     def current(self) -> int:
         """Bytes in use now (RSS, or CUDA allocated)."""
-        return torch.cuda.memory_allocated() if self.cuda else rss_bytes()
+        return memory_in_use("cuda" if self.cuda else "cpu")
+
+    def peak_level(self) -> int:
+        """The highest level seen so far (absolute bytes, not above the baseline)."""
+        if self.cuda:
+            import torch
+
+            return int(torch.cuda.max_memory_allocated())
+        self.peak = max(self.peak, rss_bytes())
+        return self.peak
 
     def peak_bytes(self) -> int:
         """Peak so far above the baseline."""
-        if self.cuda:
-            return max(0, torch.cuda.max_memory_allocated() - self.baseline)
-        self.peak = max(self.peak, rss_bytes())
-        return max(0, self.peak - self.baseline)
+        return self.peak_above(self.baseline)
+
+    def peak_above(self, level: int) -> int:
+        """Peak so far above `level` (a baseline taken elsewhere, e.g. before several runs)."""
+        return max(0, self.peak_level() - level)
 
     def __exit__(self, *exc) -> None:
         if self._thread is not None:
@@ -270,9 +289,51 @@ class PeakMemory:
         self.peak_bytes()
 
 
+def memory_in_use(device: Any = "cpu") -> int:
+    """Bytes in use now: process RSS, or CUDA allocated bytes."""
+    if getattr(device, "type", str(device).split(":")[0]) == "cuda":
+        import torch
+
+        return int(torch.cuda.memory_allocated())
+    return rss_bytes()
+
+
+def release_memory(device: Any = "cpu") -> int:
+    """Free what is no longer referenced and hand it back to the system; the level after.
+
+    Python's garbage, torch's CUDA cache, and (glibc) the heap pages malloc keeps after
+    frees, so a following measurement starts from the same level whatever ran before.
+    """
+    import gc
+
+    gc.collect()
+    if getattr(device, "type", str(device).split(":")[0]) == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+    else:
+        _malloc_trim()
+    return memory_in_use(device)
+
+
+def _malloc_trim() -> None:
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (musl): nothing to trim with
+        pass
+
+
 def synchronize(device: torch.device) -> None:
     """Wait for queued GPU work so wall-clock readings mean what they say."""
     if device.type == "cuda":
+        import torch
+
         torch.cuda.synchronize(device)
 
 
@@ -307,10 +368,19 @@ def predict_lm_flops(shape: LMShape, chunks: list[int], policy: Any,
 
 def available_memory(device: Any) -> int:
     """Bytes free for a run: available RAM, or free memory on the CUDA device."""
-    if getattr(device, "type", str(device)) == "cuda":
+    if getattr(device, "type", str(device).split(":")[0]) == "cuda":
+        import torch
+
         free, _ = torch.cuda.mem_get_info(device)
         return int(free)
     import psutil
 
     return int(psutil.virtual_memory().available)
+
+
+def prefill_file_header_bytes(layers: int, frames: int) -> int:
+    """A generous estimate of a prefill file's header (8-byte length + JSON) for `layers`
+    decoder layers and `frames` frames; `statekv info` adds it to the detailed cache's bytes
+    (statekv/saved.py writes the file)."""
+    return 8 + 4096 + 400 * layers + 48 * frames
 

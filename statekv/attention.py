@@ -31,10 +31,11 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+# Score entries per block of the two-pass mass pass (defined with the memory estimate).
+from statekv.accounting import MASS_BLOCK_ENTRIES
+
 ATTENTION_NAME = "statekv"
 IMPLEMENTATIONS = ("sdpa", "eager")
-# Score entries per block of the two-pass mass pass (4M float32 = 16 MB): bounds its memory.
-MASS_BLOCK_ENTRIES = 1 << 22
 # Score entries per block of query rows in the one-pass CPU path (2 MB float32, about one
 # core's L2 cache, where it measured fastest); also bounds that path's extra memory.
 ROW_BLOCK_ENTRIES = 1 << 19

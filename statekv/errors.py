@@ -31,3 +31,7 @@ class ResourceError(StateKVError):
     """The memory preflight refused the run, or it ran out of memory."""
 
     exit_code = 5
+
+
+class BusyError(InputError):
+    """An output file another process is writing now (statekv.locks)."""

@@ -3,19 +3,64 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from statekv.errors import ModelError, UsageError
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+if TYPE_CHECKING:  # torch loads only when a model or tensor is needed (fast small commands)
+    import torch
+
+# `--dtype` names -> torch dtype names, and bytes per element (known without importing torch).
+DTYPE_NAMES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16",
+               "bf16": "bfloat16", "float16": "float16", "fp16": "float16"}
+ELEMENT_SIZES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def accelerator_possible() -> bool:
+    """False only when no GPU can be visible to torch here (no NVIDIA/AMD device nodes, not
+    macOS): then 'auto' means the CPU and torch need not be imported to know it."""
+    if sys.platform == "darwin" or os.name == "nt":
+        return True
+    if os.path.exists("/dev/nvidiactl") or os.path.exists("/dev/kfd"):
+        return True
+    return os.path.isdir("/proc/driver/nvidia")
+
+
+def device_type(device: str = "auto") -> str:
+    """'cpu', 'cuda' or 'mps': the type `resolve_device(device)` gives, importing torch only
+    when an accelerator may be there."""
+    if device == "cpu" or (device == "auto" and not accelerator_possible()):
+        return "cpu"
+    return resolve_device(device).type
+
+
+def element_size(dtype: str, device: str = "auto") -> int:
+    """Bytes per weight element of `--dtype` on `device` ('auto' as `resolve_dtype` picks)."""
+    return ELEMENT_SIZES[dtype_name(dtype, device)]
+
+
+def dtype_name(dtype: str, device: str = "auto") -> str:
+    """The torch dtype name (float32, bfloat16, float16) weights would be loaded in."""
+    if dtype == "auto":
+        kind = device_type(device)
+        if kind == "cpu":
+            return "bfloat16" if cpu_has_native_bf16() else "float32"
+        if kind != "cuda":
+            return "float32"
+        import torch
+
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
+    if dtype not in DTYPE_NAMES:
+        raise UsageError(f"unknown dtype {dtype!r}; use auto, float32, bfloat16 or float16")
+    return DTYPE_NAMES[dtype]
 
 
 def resolve_device(device: str = "auto") -> torch.device:
     """'auto' picks CUDA, then Apple MPS, then the CPU."""
+    import torch
+
     if device == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -56,7 +101,10 @@ def cpu_has_native_bf16() -> bool:
     """
     if os.environ.get(CPU_BF16_ENV, "1").lower() in ("0", "false", "no"):
         return False
-    capability = str(torch.backends.cpu.get_cpu_capability()).upper()
+    if "torch" in sys.modules:  # what torch's kernels will use (ATEN_CPU_CAPABILITY may lower it)
+        capability = str(sys.modules["torch"].backends.cpu.get_cpu_capability()).upper()
+    else:  # small commands plan without torch: the environment override, else the CPU flags
+        capability = os.environ.get("ATEN_CPU_CAPABILITY", "avx512").upper()
     if not capability.startswith("AVX512"):
         return False
     return bool(cpu_flags() & set(CPU_BF16_FLAGS))
@@ -65,15 +113,17 @@ def cpu_has_native_bf16() -> bool:
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     """'auto' is bfloat16 on GPUs that support it and on CPUs with native bf16 matrix
     instructions (AVX512-BF16 / AMX), float32 elsewhere."""
+    import torch
+
     if dtype == "auto":
         if device.type == "cuda" and torch.cuda.is_bf16_supported():
             return torch.bfloat16
         if device.type == "cpu" and cpu_has_native_bf16():
             return torch.bfloat16
         return torch.float32
-    if dtype not in DTYPES:
+    if dtype not in DTYPE_NAMES:
         raise UsageError(f"unknown dtype {dtype!r}; use auto, float32, bfloat16 or float16")
-    return DTYPES[dtype]
+    return getattr(torch, DTYPE_NAMES[dtype])
 
 
 # Checkpoints shipped inside the wheel: model id -> folder below the `statekv` package.
@@ -97,6 +147,23 @@ def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
 
 
+def hub_cache_dirs() -> list[Path]:
+    """Where the Hugging Face cache may be (the hub's own environment variables, in order)."""
+    dirs = [os.environ.get(name) for name in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE")]
+    home = os.environ.get("HF_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "huggingface")
+    return [Path(d).expanduser() for d in dirs if d] + [Path(home).expanduser() / "hub"]
+
+
+def maybe_cached(model: str) -> bool:
+    """False when a hub id is certainly not in the local cache (checked without importing
+    huggingface_hub, so `info` on a preset whose weights are not here answers at once)."""
+    if model in BUNDLED or Path(model).expanduser().is_dir():
+        return True
+    folder = "models--" + model.replace("/", "--")
+    return any((d / folder).is_dir() for d in hub_cache_dirs())
+
+
 def resolve_checkpoint(model: str, revision: str | None = None) -> str:
     """A local directory as is; a hub id from the local cache first, downloaded only if allowed."""
     if model in BUNDLED:  # a checkpoint shipped inside the package
@@ -116,14 +183,14 @@ def resolve_checkpoint(model: str, revision: str | None = None) -> str:
         if _offline():
             raise ModelError(
                 f"model {model} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; "
-                f"fetch it first on a connected machine: huggingface-cli download {model}"
+                f"fetch it first on a connected machine: hf download {model}"
             ) from None
     try:
         return snapshot_download(model, revision=revision)
     except Exception as exc:
         raise ModelError(
             f"could not download {model} ({type(exc).__name__}); check the id, your network, "
-            f"or download it with: huggingface-cli download {model}"
+            f"or download it with: hf download {model}"
         ) from None
 
 

@@ -162,8 +162,9 @@ class Random(StateKV):
     generator: torch.Generator = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
-        super().__post_init__()
         import torch
+
+        super().__post_init__()
 
         object.__setattr__(self, "generator", torch.Generator().manual_seed(self.seed))
 

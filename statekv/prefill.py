@@ -16,12 +16,12 @@ import numpy as np
 import torch
 
 from statekv import accounting
-from statekv.units import fraction
 from statekv.attention import ATTENTION_NAME
 from statekv.cache import StateCache
 from statekv.models.base import ChunkInputs, PromptPieces, VideoAdapter
 from statekv.policies import Policy
 from statekv.rotary import fixed_rotary
+from statekv.units import fraction, remaining
 
 # transformers builds no mask when handed a prepared mapping; our attention applies causality.
 NO_MASK = {"full_attention": None, "sliding_attention": None}
@@ -44,16 +44,21 @@ class PrefillEvent:
     elapsed_seconds: float
     memory_bytes: int
     peak_memory_bytes: int
+    remaining_seconds: float | None = None  # at the pace so far; None before the first chunk
+
+    @property
+    def fraction_of_full(self) -> float | None:
+        """LM prefill FLOPs so far as a fraction of what full attention would have cost."""
+        return fraction(self.lm_prefill_flops, self.full_lm_prefill_flops)
+
+    @property
+    def tokens_per_second(self) -> float | None:
+        return fraction(self.tokens_done, self.elapsed_seconds)
 
     @property
     def lm_flops_fraction(self) -> float | None:
         """LM prefill FLOPs so far as a fraction of full attention's on the same chunks."""
         return fraction(self.lm_prefill_flops, self.full_lm_prefill_flops)
-
-    @property
-    def tokens_per_second(self) -> float:
-        """Prefill throughput so far."""
-        return self.tokens_done / max(self.elapsed_seconds, 1e-9)
 
 
 @dataclass
@@ -149,13 +154,15 @@ class _Loop:
         if self.on_event is None:
             return
         r = self.result
+        elapsed = time.perf_counter() - self.started
         self.on_event(PrefillEvent(
             frames_done=r.frames, frames_total=self.frames_total, tokens_done=self.tokens_done,
             lm_prefill_flops=r.lm_prefill_flops, full_lm_prefill_flops=r.full_lm_prefill_flops,
             carried_tokens=self.cache.carried_tokens,
-            elapsed_seconds=time.perf_counter() - self.started,
+            elapsed_seconds=elapsed,
             memory_bytes=self.memory.current() if self.memory else 0,
             peak_memory_bytes=self.memory.peak_bytes() if self.memory else 0,
+            remaining_seconds=remaining(elapsed, r.frames, self.frames_total),
         ))
 
 

@@ -204,10 +204,7 @@ def _fsync_folder(folder: Path) -> None:
         os.close(fd)
 
 
-def header_bytes(layers: int, frames: int) -> int:
-    """A generous estimate of a prefill file's header (8-byte length + JSON) for `layers`
-    decoder layers and `frames` frames; `statekv info` adds it to the detailed cache's bytes."""
-    return 8 + 4096 + 400 * layers + 48 * frames
+from statekv.accounting import prefill_file_header_bytes as header_bytes  # noqa: E402,F401 (its old name)
 
 
 # Reading --------------------------------------------------------------------------------

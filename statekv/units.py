@@ -25,6 +25,14 @@ def format_bytes(value: float) -> str:
     return f"{value:.0f} B"
 
 
+def format_count(value: float) -> str:
+    """A count such as parameters, three significant digits: '2.43 B', '934 M', '417 K'."""
+    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(value) >= scale:
+            return f"{value / scale:.3g} {unit}"
+    return f"{value:.0f}"
+
+
 def format_seconds(value: float | None) -> str:
     """Seconds as '0.42 s', '12.3 s', '4m05s' or '1h02m'; '-' when unknown."""
     if value is None or not math.isfinite(value):
@@ -43,6 +51,11 @@ def format_seconds(value: float | None) -> str:
 def fraction(part: float, whole: float) -> float | None:
     """part / whole, or None when there is no whole to compare with (nothing ran)."""
     return None if not whole else part / whole
+
+
+def remaining(elapsed: float, done: float, total: float) -> float | None:
+    """Seconds left at the pace so far (elapsed per unit done); None before anything is done."""
+    return None if not done else elapsed * max(0.0, total - done) / done
 
 
 def format_fraction(value: float | None) -> str:

@@ -108,6 +108,8 @@ def ask(
     options.cache = cache
 
     all_questions = list(questions or []) + (plan.read_questions(questions_file) if questions_file else [])
+    library.check_questions(all_questions)  # option errors answer before any display or load
+    options.validate()
     with prefill_display("prefill", live_enabled(quiet, json_output)) as on_event:
         record = library.ask(video, all_questions, options, on_event=on_event)
     if json_output:
@@ -151,10 +153,13 @@ def compare(
     options.cache = cache
 
     names = [m.strip() for m in methods.split(",") if m.strip()]
+    library.check_compare(names, options)  # option errors answer before any display or load
     live = live_enabled(quiet, json_output)
     displays: list[Any] = []
 
     def on_method(method: str):
+        while displays:  # the previous method's line stays as it ended; one live at a time
+            displays.pop().__exit__(None, None, None)
         display = prefill_display(method, live)
         displays.append(display)
         return display.__enter__()
@@ -162,12 +167,13 @@ def compare(
     try:
         record = library.compare(video, question, names, options, on_method=on_method)
     finally:
-        for display in displays:
-            display.__exit__(None, None, None)
+        while displays:
+            displays.pop().__exit__(None, None, None)
     if json_output:
         emit_json(record)
         return
     out.print(_compare_table(record))
+    out.print(_compare_answers(record), markup=False)
     _print_warnings(record.get("warnings", []), quiet)
     for row in record["methods"]:
         if row.get("cache") and not quiet:
@@ -187,22 +193,38 @@ def _context_rows(context: dict | None) -> list[tuple[str, str]]:
 
 
 def _compare_table(record: dict) -> Table:
-    table = Table(title=f"{record['path']}: {record['question']}")
-    for column in ("method", "answer", "agrees", "KL vs full", "LM FLOPs", "vision FLOPs",
-                   "prefill s", "peak mem", "carried", "detailed"):
-        table.add_column(column, overflow="fold")
+    from rich import box
+
+    from statekv.units import format_seconds
+
+    # Numbers only, narrow headers, no column borders: the header stays on one line at 100
+    # columns (tested); the answers follow the table, one line per method.
+    table = Table(title=f"{record['path']}: {record['question']}", box=box.SIMPLE_HEAD,
+                  padding=(0, 1, 0, 0), pad_edge=False, caption_justify="left",
+                  caption="same: the same answer as full; KL: first-token KL divergence from "
+                          "full (nats); peak: memory above the level before the first method")
+    for column in ("method", "same", "KL", "LM FLOPs", "vision", "prefill", "peak", "carried",
+                   "detailed"):
+        table.add_column(column, no_wrap=True)
     for row in record["methods"]:
-        window = f" {row['window_frames']} fr"
-        if row.get("window_tokens") is not None:
-            window += f" ({row['window_tokens']} tok)"
-        setting = {"statekv": f" B={row['budget']}", "window": window}
-        table.add_row(row["method"] + setting.get(row["method"], ""), row["answer"],
-                      "yes" if row["agrees_with_full"] else "no",
+        table.add_row(_method_name(row), "yes" if row["agrees_with_full"] else "no",
                       f"{row['first_token_kl_vs_full']:.4f}", format_flops(row["lm_prefill_flops"]),
                       format_flops(row["vision_flops"]), format_seconds(row["lm_prefill_seconds"]),
                       format_bytes(row["peak_memory_bytes"]), str(row["carried_tokens"]),
                       str(row["detailed_tokens"]))
     return table
+
+
+def _method_name(row: dict) -> str:
+    window = f" {row['window_frames']} fr"
+    if row.get("window_tokens") is not None:
+        window += f" ({row['window_tokens']} tok)"
+    setting = {"statekv": f" B={row['budget']}", "window": window}
+    return row["method"] + setting.get(row["method"], "")
+
+
+def _compare_answers(record: dict) -> str:
+    return "\n".join(f"{_method_name(row)}: {row['answer']}" for row in record["methods"])
 
 
 @app.command()
@@ -229,14 +251,16 @@ def info(
         ("duration", f"{record['duration_seconds']:.1f} s"), ("fps", f"{record['fps']:.2f}"),
         ("frames", str(record["frame_count"])),
         ("resolution", f"{record['width']}x{record['height']}"), ("codec", str(record["codec"])),
-        ("model", f"{record['model']} (preset {record['preset']})"),
+        ("model", record["model"] if record["model_from"] == "--model"
+         else f"{record['model']} (preset {record['preset']})"),
         ("sampled frames", str(record["sampled_frames"])),
         ("tokens per frame", str(record["tokens_per_frame"])),
         *[(f"LM prefill, {name}", format_flops(m["lm_prefill_flops"]))
           for name, m in predicted["methods"].items()],
         ("detailed cache", format_bytes(predicted["detailed_cache_bytes"])),
         ("prefill file (statekv prefill)", format_bytes(predicted["prefill_file_bytes"])),
-        ("weights", format_bytes(predicted["weights_bytes"])),
+        ("weights", f"{format_bytes(predicted['weights_bytes'])} ({record['dtype']} on "
+                    f"{record['device']})"),
         ("peak memory (estimate)", format_bytes(predicted["peak_memory_bytes"])),
         *_context_rows(record.get("context")),
     ]
@@ -244,8 +268,7 @@ def info(
         table.add_row(key, value)
     out.print(table)
     if not predicted["exact_layout"]:
-        err.print("note: the checkpoint is not available locally; token counts come from the "
-                  "preset's numbers (approximate)")
+        err.print("note: the checkpoint is not here; token counts are estimated from the preset")
 
 
 @presets_app.callback()
@@ -253,18 +276,32 @@ def presets_list(ctx: typer.Context, json_output: Json = False) -> None:
     """List shipped presets: name, model, family, parameters, tokens per frame, budget."""
     if ctx.invoked_subcommand is not None:
         return
-    from statekv.presets import list_presets
+    from statekv.presets import DEFAULT_PRESET, list_presets
+    from statekv.units import format_count
 
     presets = list_presets()
     if json_output:
-        emit_json([p.to_dict() for p in presets])
+        emit_json([{**p.to_dict(), "parameters": p.parameters, "default": p.name == DEFAULT_PRESET}
+                   for p in presets])
         return
-    table = Table()
-    for column in ("name", "model", "family", "params", "tokens/frame", "budget", "license"):
-        table.add_column(column)
+    from rich import box
+
+    # Names stay whole (they are what --preset takes); the rest folds on narrow terminals.
+    table = Table(caption=f"* the default preset (used without --preset): {DEFAULT_PRESET}",
+                  box=box.SIMPLE_HEAD, padding=(0, 1, 0, 0), pad_edge=False,
+                  caption_justify="left")
+    # Below 130 columns: family and license go (`presets show NAME` has them), model last.
+    wide = (out.width or 200) >= 130
+    columns = (("name", "model", "family", "params", "tokens/frame", "budget", "license") if wide
+               else ("name", "params", "tokens/frame", "budget", "model"))
+    for column in columns:
+        table.add_column(column, no_wrap=column != "model", overflow="fold")
     for p in presets:
-        table.add_row(p.name, p.model, p.family, f"{p.parameters / 1e9:.2f} B",
-                      str(p.architecture.tokens_per_frame), str(p.budget), p.license)
+        cells = {"name": p.name + (" *" if p.name == DEFAULT_PRESET else ""), "model": p.model,
+                 "family": p.family, "params": format_count(p.parameters),
+                 "tokens/frame": str(p.architecture.tokens_per_frame), "budget": str(p.budget),
+                 "license": p.license}
+        table.add_row(*(cells[c] for c in columns))
     out.print(table)
 
 

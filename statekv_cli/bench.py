@@ -110,8 +110,10 @@ def bench(
                              threads=threads, on_row=progress)
     if csv:
         lib.write_csv(rows, csv)
+        err.print(f"wrote {csv}", markup=False)
     if plot:
         lib.plot(rows, plot, title=f"statekv bench: {preset}")
+        err.print(f"wrote {plot}", markup=False)
     if json_output:
         emit_json([r.to_dict() for r in rows])
         return

@@ -18,7 +18,8 @@ from typer.exceptions import TyperException
 from rich.console import Console
 
 out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 200)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
+# On a terminal, messages wrap at word boundaries; in logs, each stays one line.
+err = Console(stderr=True, highlight=False, soft_wrap=not sys.stderr.isatty())
 
 
 # Options shared by the commands that run a model ------------------------------------------
@@ -164,10 +165,12 @@ CacheDir = Annotated[str | None, typer.Option(
 
 def run_options(**kwargs: Any):
     from statekv.commands.plan import RunOptions
-    from statekv.video import parse_time
 
-    kwargs["start"] = parse_time(kwargs.get("start"))
-    kwargs["end"] = parse_time(kwargs.get("end"))
+    if kwargs.get("start") is not None or kwargs.get("end") is not None:
+        from statekv.video import parse_time  # (numpy: only when there is a time to parse)
+
+        kwargs["start"] = parse_time(kwargs.get("start"))
+        kwargs["end"] = parse_time(kwargs.get("end"))
     return RunOptions(**kwargs)
 
 

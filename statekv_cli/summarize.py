@@ -2,25 +2,18 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Annotated, Any
 
 import typer
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TaskProgressColumn,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 from rich.table import Table
 
+from statekv.errors import UsageError
 from statekv.units import format_flops, format_fraction, format_seconds
-from statekv_cli.options import CacheDir, Debug, Quiet, err, handle_errors, run_options_from_cli
+from statekv_cli.options import (
+    CacheDir, Debug, Json, Quiet, emit_json, err, handle_errors, run_options_from_cli,
+)
 from statekv_cli.progress import live_enabled
 
 
@@ -49,31 +42,43 @@ def summarize(
         "--ray-address", help="Connect to this Ray cluster (implies --ray), e.g. auto or "
         "ray://head:10001.")] = None,
     cache: CacheDir = None,
-    quiet: Quiet = False, debug: Debug = False, options: Any = None,
+    json_output: Json = False, quiet: Quiet = False, debug: Debug = False, options: Any = None,
 ) -> None:
     """Summarise many videos: one prefill each, one JSON line per video, resumable.
 
     Rerunning with the same --out skips videos already done with the same settings and
     retries failed ones. Exit code 1 when some videos failed.
 
+    While it runs, --out is locked: a second run on the same file refuses, naming the first
+    one's pid, unless the two are different --shard parts of it (docs/summarize.md).
+
     Example: statekv summarize videos/ --out summaries.jsonl --max-frames 128 --shard 1/4
     """
     from statekv.commands import summarize as batch
 
+    if json_output and out_path == "-":
+        raise UsageError("--json prints the final record on stdout, where --out - writes the "
+                         "summaries; give --out a file")
     options.cache = cache
     options.validate()
     videos = batch.find_videos(paths, glob)
-    if shard_spec:
-        videos = batch.shard(videos, *batch.parse_shard(shard_spec))
+    part = batch.parse_shard(shard_spec) if shard_spec else None
+    if part:
+        videos = batch.shard(videos, *part)
     if not videos:
         if not quiet:
             err.print("statekv: no videos found", markup=False)
+        if json_output:
+            emit_json(batch.BatchResult().record(out_path))
         return
-    live = live_enabled(quiet, False)
+    live = live_enabled(quiet, json_output)
     with _batch_display(len(videos), live, quiet) as (on_video, on_event):
         result = batch.summarize(videos, options, prompt, out_path, redo, on_video=on_video,
-                                 on_event=on_event, use_ray=use_ray, ray_address=ray_address)
-    if not quiet:
+                                 on_event=on_event, use_ray=use_ray, ray_address=ray_address,
+                                 shard=part if part and part[1] > 1 else None)
+    if json_output:
+        emit_json(result.record(out_path))
+    elif not quiet:
         err.print(_summary_table(result, out_path))
     if result.failed:
         raise typer.Exit(1)
@@ -117,47 +122,46 @@ def _batch_display(total: int, live: bool, quiet: bool) -> Iterator[tuple[Any, A
     if not live:
         yield line, None
         return
-    progress = Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), TaskProgressColumn(),
-        MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
-        TextColumn("{task.fields[detail]}"), console=err, transient=False, refresh_per_second=8)
-    with progress:
-        overall = progress.add_task("videos", total=total, detail="loading model")
-        current = progress.add_task("prefill", total=None, detail="", visible=False)
-        state = {"started": time.perf_counter()}
+    from rich.live import Live
+
+    from statekv_cli.progress import BatchView, PrefillView
+
+    view = BatchView(total)
+    with Live(view, console=err, transient=False, refresh_per_second=4) as display:
 
         def on_video(kind: str, path: str, record: dict | None) -> None:
             if kind == "start":
-                state["started"] = time.perf_counter()
-                progress.update(current, description="prefill", total=None, completed=0,
-                                visible=True, detail=path)
-                progress.update(overall, detail=path)
-                return
-            progress.advance(overall)
-            context_warning(path, record, progress.console)
-            if kind == "done" and record["status"] != "ok":
-                progress.console.print(f"error: {path}: {record['error']['message']}",
-                                       markup=False)
+                view.path, view.prefill = path, PrefillView("prefill")
+            else:
+                view.done += 1
+                context_warning(path, record, display.console)
+                if kind == "done" and record["status"] != "ok":
+                    display.console.print(f"error: {path}: {record['error']['message']}",
+                                          markup=False)
+            display.refresh()
 
         def on_event(event: Any) -> None:
-            progress.update(current, total=event.frames_total, completed=event.frames_done,
-                            detail=f"LM {format_flops(event.lm_prefill_flops)} "
-                                   f"({format_fraction(event.lm_flops_fraction)} of full's "
-                                   f"{format_flops(event.full_lm_prefill_flops)})")
+            if view.prefill is not None:
+                view.prefill.update(event)
+            display.refresh()
 
         yield on_video, on_event
-        progress.update(current, visible=False)
-        progress.update(overall, detail="")
+        view.prefill, view.path = None, ""
+        display.refresh()
 
 
 def _summary_table(result: Any, out_path: str) -> Table:
+    from statekv.units import format_flops, format_fraction
+
     table = Table(title=f"summaries -> {'stdout' if out_path == '-' else out_path}")
-    for column in ("done", "skipped", "failed", "LM prefill", "saving vs full", "time"):
+    for column in ("done", "skipped", "failed", "LM prefill", "of full attention's", "time"):
         table.add_column(column)
-    table.add_row(str(result.done), str(result.skipped), str(result.failed),
-                  format_flops(result.lm_prefill_flops),
-                  f"{format_fraction(None if result.lm_flops_fraction is None else result.saving)} "
-                  f"(full: {format_flops(result.full_lm_prefill_flops)})",
+    share = result.fraction_of_full
+    if share is None:  # nothing was prefilled this run (all skipped or all failed)
+        cost, versus = "none this run", "-"
+    else:
+        cost = format_flops(result.lm_prefill_flops)
+        versus = f"{format_fraction(share)} of {format_flops(result.full_lm_prefill_flops)}"
+    table.add_row(str(result.done), str(result.skipped), str(result.failed), cost, versus,
                   format_seconds(result.seconds))
     return table
-

@@ -131,6 +131,15 @@ def test_command_analytic(cli):
     assert "3600" in result.stdout and "statekv" in result.stdout and "analytic" in result.stdout
 
 
+def test_command_says_where_it_wrote_the_plot(cli, tmp_path):
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "b.png"
+    result = cli("--analytic", "--preset", "internvl3-8b", "--frames", "512,1024", "--plot", str(png))
+    assert result.exit_code == 0, result.output
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"wrote {png}" in result.stderr
+
+
 @pytest.mark.parametrize("args,code", [
     (["--frames", "a,b"], 2),
     (["--methods", "nope", "--frames", "4"], 2),

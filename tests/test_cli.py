@@ -167,7 +167,7 @@ def test_live_progress_renders_in_a_terminal(clip, model_dir):
     import subprocess
 
     leader, follower = pty.openpty()
-    env = dict(os.environ, COLUMNS="160", HF_HUB_OFFLINE="1")
+    env = dict(os.environ, COLUMNS="200", HF_HUB_OFFLINE="1")  # wide: every detail shows
     process = subprocess.Popen(
         [sys.executable, "-m", "statekv_cli.app", "ask", str(clip), "what happens?", "--model",
          model_dir, *FAST], stdin=follower, stdout=follower, stderr=follower, env=env)
@@ -183,7 +183,7 @@ def test_live_progress_renders_in_a_terminal(clip, model_dir):
         output += data
     assert process.wait(timeout=120) == 0
     text = output.decode(errors="replace")
-    assert "4/4 frames" in text and "carried" in text and "tok/s" in text
+    assert "4/4 frames" in text and "carried" in text and "tokens/s" in text
     assert "A: " in text
 
 
@@ -204,3 +204,46 @@ def test_info_and_compare_work_for_every_family(clip, checkpoints, name):
             assert (predicted["predicted"]["methods"][method]["lm_prefill_flops"]
                     == rows[method]["lm_prefill_flops"])
         assert predicted["tokens_per_frame"] == rows["full"]["stats"]["tokens_per_frame"]
+
+
+def test_compare_peak_memory_does_not_depend_on_the_order(clip, model_dir):
+    # Budget and window hold the whole video: every method does the same work, so each one's
+    # peak above the common baseline must come out the same whichever ran first.
+    common = ["--model", model_dir, "--json", "--budget", "100000", "--window-frames", "1000",
+              "--max-frames", "12", "--fps", "12", "--max-new-tokens", "2"]
+    peaks = {}
+    for order in ("full,window,statekv", "statekv,window,full"):
+        result = run("compare", clip, "what happens?", "--methods", order, *common)
+        assert result.exit_code == 0, result.output
+        record = json.loads(result.stdout)
+        assert record["memory_baseline_bytes"] > 0
+        peaks[order] = {row["method"]: row["peak_memory_bytes"] for row in record["methods"]}
+    first, second = peaks.values()
+    for method in ("full", "window", "statekv"):
+        a, b = first[method], second[method]
+        assert abs(a - b) <= max(0.2 * max(a, b), 2 * 2**20), (method, peaks)
+
+
+def test_info_with_a_model_dir_names_no_preset_and_the_dtype(clip, model_dir):
+    result = run("info", clip, "--model", model_dir, "--max-frames", "4", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert "(preset" not in result.stdout and model_dir in result.stdout
+    assert "float32 on cpu" in result.stdout  # auto on the CPU: the weights' dtype is named
+    record = json.loads(run("info", clip, "--model", model_dir, "--max-frames", "4", "--json",
+                            "--device", "cpu", "--dtype", "bfloat16").stdout)
+    assert record["model_from"] == "--model" and record["dtype"] == "bfloat16"
+    by_preset = json.loads(run("info", clip, "--max-frames", "4", "--json", "--device", "cpu").stdout)
+    assert by_preset["model_from"] == "preset"
+
+
+def test_demo_model_on_a_real_video_warns_in_one_line(clip, tmp_path):
+    from conftest import write_video
+
+    args = ["--preset", "demo", "--max-frames", "2", "--fps", "4", "--max-new-tokens", "2"]
+    real = run("ask", clip, "hat color?", *args)
+    assert real.exit_code == 0, real.output
+    warnings = [line for line in real.stderr.splitlines() if "demo model" in line]
+    assert len(warnings) == 1 and warnings[0].startswith("warning: ")
+    synthetic = write_video(tmp_path / "synthetic.mp4", frames=4, size=(32, 32))
+    quiet = json.loads(run("ask", synthetic, "hat color?", "--json", *args).stdout)
+    assert not any("demo model" in w for w in quiet["warnings"])

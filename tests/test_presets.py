@@ -56,3 +56,31 @@ def test_presets_ship_inside_the_wheel(tmp_path):
                and n.endswith(".yaml")}
     assert {p.name for p in list_presets()} <= shipped
     assert "statekv_cli/app.py" in names
+
+
+def test_parameter_counts_are_real_and_the_default_is_marked():
+    import json
+    import math
+    import struct
+    from pathlib import Path
+
+    from statekv.units import format_count
+
+    presets = list_presets()
+    assert all(p.parameters > 0 for p in presets)
+    # The demo preset's numbers are the shipped checkpoint's own tensor sizes.
+    weights = Path(__file__).resolve().parents[1] / "statekv/demo/checkpoint/model.safetensors"
+    with weights.open("rb") as f:
+        header = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
+    header.pop("__metadata__", None)
+    counted = sum(math.prod(t["shape"]) for t in header.values())
+    assert load_preset("demo").parameters == counted
+    assert format_count(counted) != "0"
+    listed = subprocess.run([sys.executable, "-m", "statekv_cli.app", "presets", "--json"],
+                            capture_output=True, text=True, check=True).stdout
+    rows = json.loads(listed)
+    assert [r["name"] for r in rows if r["default"]] == [DEFAULT_PRESET]
+    assert {r["name"]: r["parameters"] for r in rows}["demo"] == counted
+    table = subprocess.run([sys.executable, "-m", "statekv_cli.app", "presets"],
+                           capture_output=True, text=True, check=True).stdout
+    assert f"{DEFAULT_PRESET} *" in table and "0.00 B" not in table

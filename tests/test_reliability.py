@@ -171,7 +171,7 @@ def test_preflight_refuses_what_does_not_fit_unless_forced(clip, tiny_internvl_d
 MEASURE = textwrap.dedent("""
     import json, sys, threading, time
     import psutil
-    import statekv, statekv.commands.plan as tasks, statekv.commands.ask as commands, transformers, statekv.models  # the level after imports
+    import statekv, statekv.commands.plan as tasks, statekv.commands.ask as commands, transformers, statekv.models, statekv.session  # the level after imports (the library loads torch lazily)
     process = psutil.Process()
     base = peak = process.memory_info().rss
     done = False

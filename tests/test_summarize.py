@@ -252,3 +252,92 @@ def test_ray_backend_same_records_as_local(first_run, folder, good, model_dir, l
     result = run(*good, "--model", model_dir, "--out", out, "--ray", *FAST)
     assert result.exit_code == 0, result.output
     assert len(lines(out)) == 4
+
+
+# --json, the all-skipped table, the output lock ------------------------------------------
+def test_json_final_record_and_all_skipped_table(good, model_dir, tmp_path):
+    out = tmp_path / "s.jsonl"
+    good = good[:1]
+    assert run(*good, "--model", model_dir, "--out", out, *FAST).exit_code == 0
+    result = run(*good, "--model", model_dir, "--out", out, "--json", *FAST)
+    assert result.exit_code == 0, result.output
+    record = json.loads(result.stdout)  # exactly one JSON document on stdout
+    assert set(record) == {"out", "done", "skipped", "failed", "lm_prefill_flops",
+                           "full_lm_prefill_flops", "seconds"}
+    assert record["out"] == str(out)
+    assert (record["done"], record["skipped"], record["failed"]) == (0, len(good), 0)
+    assert record["lm_prefill_flops"] == record["full_lm_prefill_flops"] == 0
+    rerun = run(*good, "--model", model_dir, "--out", out, *FAST)
+    assert rerun.exit_code == 0 and rerun.stdout == ""
+    assert "0 FLOP" not in rerun.stderr and "none this run" in rerun.stderr
+    refused = run(*good, "--model", model_dir, "--out", "-", "--json", *FAST)
+    assert refused.exit_code == 2
+
+
+def test_json_record_counts_what_ran(good, model_dir, tmp_path):
+    out = tmp_path / "s.jsonl"
+    result = run(good[0], "--model", model_dir, "--out", out, "--json", *FAST)
+    assert result.exit_code == 0, result.output
+    record = json.loads(result.stdout)
+    written = lines(out)
+    assert record["done"] == 1 and len(written) == 1
+    assert record["lm_prefill_flops"] == written[0]["stats"]["lm_prefill_flops"]
+    assert record["full_lm_prefill_flops"] == written[0]["stats"]["full_lm_prefill_flops"]
+
+
+HOLD = """
+import sys, time
+from statekv.locks import output_lock
+with output_lock(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else None):
+    print("held", flush=True)
+    time.sleep(60)
+"""
+
+
+def _holder(out, part=None):
+    args = [sys.executable, "-c", HOLD, str(out)] + ([part] if part else [])
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, text=True,
+                            cwd=Path(__file__).resolve().parents[1])
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def test_second_writer_refuses_naming_the_first(good, model_dir, tmp_path):
+    from statekv.errors import BusyError
+    from statekv.locks import output_lock
+
+    out = tmp_path / "s.jsonl"
+    holder = _holder(out)
+    try:
+        result = run(good[0], "--model", model_dir, "--out", out, *FAST)
+        assert result.exit_code == 3
+        assert f"pid {holder.pid}" in result.stderr and len(result.stderr.splitlines()) == 1
+        assert not out.exists() or lines(out) == []  # nothing was done twice
+        with pytest.raises(BusyError, match=f"pid {holder.pid}"):  # a shard overlaps it too
+            with output_lock(str(out), "1/2"):
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
+    with output_lock(str(out)):  # released when its process ended
+        pass
+
+
+def test_shards_of_one_file_run_together_but_not_twice(tmp_path):
+    from statekv.errors import BusyError
+    from statekv.locks import output_lock
+
+    out = str(tmp_path / "s.jsonl")
+    first = _holder(out, "1/2")
+    try:
+        with output_lock(out, "2/2"):  # the other shard of the same file: allowed
+            pass
+        with pytest.raises(BusyError, match=f"pid {first.pid}, shard 1/2"):
+            with output_lock(out, "1/2"):
+                pass
+        with pytest.raises(BusyError, match=f"pid {first.pid}, shard 1/2"):
+            with output_lock(out):  # the whole file overlaps every shard
+                pass
+    finally:
+        first.kill()
+        first.wait()

@@ -8,20 +8,23 @@ weights load, so a bad file or an oversized run fails in a second, not after the
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-import torch
-
-from statekv import accounting, threads as cpu_threads, video
+from statekv import accounting, threads as cpu_threads
 from statekv.context import Context, check_question, context_of, frames_that_fit, trained_positions
 from statekv.units import format_bytes
 from statekv.errors import UsageError
 from statekv.policies import check_method, make_policy
 from statekv.presets import DEFAULT_PRESET, Preset, load_preset
-from statekv.prefill import PrefillEvent
-from statekv.session import Model, Session, load
+from statekv.loading import ELEMENT_SIZES
+
+if TYPE_CHECKING:  # torch and transformers load only when a model runs: options, plans and
+    # `info` from a preset's numbers answer in well under a second (numpy: with the video)
+    from statekv import video
+    from statekv.prefill import PrefillEvent
+    from statekv.session import Model, Session
 
 
 @dataclass
@@ -109,6 +112,8 @@ def resolve(options: RunOptions) -> Resolved:
 def load_model(options: RunOptions, resolved: Resolved | None = None) -> tuple[Model, Resolved]:
     """Resolve the options (unless already resolved) and load the model once; reuse it."""
     resolved = resolved or resolve(options)
+    from statekv.session import load
+
     model = load(resolved.model, device=options.device, dtype=resolved.dtype,
                  revision=resolved.preset.revision if not options.model else None,
                  trust_remote_code=options.trust_remote_code,
@@ -152,13 +157,16 @@ class RunPlan:
     chunks: list[int]
     flops: dict[str, int]
     memory: accounting.MemoryEstimate
-    device: torch.device
+    device: str  # "cpu", "cuda", "cuda:N" or "mps", as `--device auto` resolves here
+    dtype: str  # what the weights would be loaded in: float32, bfloat16 or float16
+    warnings: list[str] = field(default_factory=list)
     context: Context | None = None
 
 
 def plan_run(path: str, options: RunOptions) -> RunPlan:
     """Probe the video, plan its frames and predict FLOPs per method and memory."""
-    from statekv.loading import resolve_device
+    from statekv import video
+    from statekv.loading import device_type, dtype_name
 
     resolved = resolve(options)
     probe = video.probe(path)
@@ -176,7 +184,9 @@ def plan_run(path: str, options: RunOptions) -> RunPlan:
         resolved.max_frames = _fit(len(plan_of(max(1, probe.frame_count)).indices), tokens_for,
                                    layout_of(plan_of(1)).trained_positions, resolved.preset)
     plan = plan_of(resolved.max_frames)
-    device = resolve_device(options.device)
+    kind = device_type(options.device)
+    device = kind if options.device in ("auto", "cpu") else options.device
+    dtype = dtype_name(resolved.dtype, options.device)
     layout = layout_of(plan)
     context = context_of(layout.trained_positions, layout.tokens, len(plan.indices), tokens_for)
     chunks = accounting.chunk_sizes(layout.tokens, resolved.chunk_frames or layout.frames_per_unit)
@@ -189,10 +199,25 @@ def plan_run(path: str, options: RunOptions) -> RunPlan:
     total = sum(chunks)
     statekv = resolved.method == "statekv"
     memory = accounting.estimate_memory(
-        layout.shape, layout.parameters, _element_size(resolved.dtype, device), total,
+        layout.shape, layout.parameters, ELEMENT_SIZES[dtype], total,
         max(chunks[1:], default=0), min(resolved.budget, total) if statekv else 0,
         layout.hidden, layout.intermediate, mass=statekv)
-    return RunPlan(probe, plan, resolved, layout, chunks, flops, memory, device, context)
+    warning = demo_warning(resolved.model, probe)
+    return RunPlan(probe, plan, resolved, layout, chunks, flops, memory, device, dtype,
+                   [warning] if warning else [], context)
+
+
+def demo_warning(model: str, probe: Any) -> str | None:
+    """A one-line warning when the shipped demo model is pointed at a video that is not one
+    of its synthetic ones (those are FRAME_SIZE x FRAME_SIZE pixels): its answer means nothing."""
+    from statekv.demo.synthetic import FRAME_SIZE
+    from statekv.loading import BUNDLED
+
+    if model not in BUNDLED or (probe.width, probe.height) == (FRAME_SIZE, FRAME_SIZE):
+        return None
+    return (f"the demo model only understands statekv's synthetic {FRAME_SIZE}x{FRAME_SIZE} "
+            f"videos (see `statekv demo`); on this {probe.width}x{probe.height} video its answers "
+            f"are noise; use a real model, e.g. --preset {DEFAULT_PRESET}")
 
 
 def _fit(frames: int, tokens_for: Callable[[int], int], trained: int | None, preset: Preset) -> int:
@@ -226,7 +251,7 @@ def preflight(plan: RunPlan, force: bool) -> None:
     need, free = plan.memory.peak_memory_bytes, accounting.available_memory(plan.device)
     if force or need <= free:
         return
-    where = "GPU memory" if plan.device.type == "cuda" else "free RAM"
+    where = "GPU memory" if plan.device.startswith("cuda") else "free RAM"
     raise ResourceError(
         f"this run needs about {format_bytes(need)} (weights {format_bytes(plan.memory.weights_bytes)}, "
         f"detailed cache {format_bytes(plan.memory.detailed_cache_bytes)}) but only "
@@ -248,12 +273,6 @@ class Layout:
     exact: bool = False
     trained_positions: int | None = None  # the language model's trained context
     adapter: Any = None  # the weightless adapter that laid the tokens out (exact layouts)
-
-
-def _element_size(dtype: str, device: torch.device) -> int:
-    from statekv.loading import resolve_dtype
-
-    return torch.empty((), dtype=resolve_dtype(dtype, device)).element_size()
 
 
 def _layout_maker(resolved: Resolved, options: RunOptions, probe) -> Callable[[Any], Layout]:
@@ -279,12 +298,15 @@ def _layout_maker(resolved: Resolved, options: RunOptions, probe) -> Callable[[A
 
 
 def _local_checkpoint(model: str) -> str | None:
-    from statekv.loading import resolve_checkpoint
-    from statekv.errors import ModelError
     import os
 
-    if Path(model).is_dir():
+    from statekv.errors import ModelError
+    from statekv.loading import BUNDLED, maybe_cached, resolve_checkpoint
+
+    if model not in BUNDLED and Path(model).is_dir():  # ("statekv/demo" is also a source folder)
         return model
+    if not maybe_cached(model):
+        return None
     previous = os.environ.get("HF_HUB_OFFLINE")
     os.environ["HF_HUB_OFFLINE"] = "1"  # info never downloads
     try:
@@ -301,6 +323,8 @@ def _local_checkpoint(model: str) -> str | None:
 def _meta_adapter(checkpoint: str, options: RunOptions) -> Any:
     """The family adapter on a weightless (meta) model: token layouts without any weights."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    import torch
 
     from statekv.loading import read_config
     from statekv.models import adapter_for

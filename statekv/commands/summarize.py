@@ -280,6 +280,18 @@ class BatchResult:
 
         return fraction(self.lm_prefill_flops, self.full_lm_prefill_flops)
 
+    def record(self, out: str) -> dict[str, Any]:
+        """The one final record `statekv summarize --json` prints (docs/summarize.md)."""
+        return {"out": out, "done": self.done, "skipped": self.skipped, "failed": self.failed,
+                "lm_prefill_flops": self.lm_prefill_flops,
+                "full_lm_prefill_flops": self.full_lm_prefill_flops,
+                "seconds": round(self.seconds, 3)}
+
+    @property
+    def fraction_of_full(self) -> float | None:
+        """The same as `lm_flops_fraction` (the progress display's name for it)."""
+        return self.lm_flops_fraction
+
     def add(self, record: dict[str, Any]) -> None:
         self.records.append(record)
         if record["status"] == "ok":
@@ -345,6 +357,10 @@ def summarize_one(model: Any, resolved: Any, options: Any, path: str, prompt: st
                       warnings=list(session.warnings))
         if session.cache is not None:
             record["cache"] = record["stats"]["cache"] = session.cache
+        from statekv import video
+
+        warning = planning.demo_warning(resolved.model, video.probe(source))
+        record["warnings"] += [warning] if warning else []
     except KeyboardInterrupt:
         raise
     except Exception as exc:  # noqa: BLE001 - one bad video must not end the batch
@@ -369,18 +385,31 @@ def _refuse_output_over_input(out: str, videos: list[str]) -> None:
 def summarize(videos: list[str], options: Any, prompt: str | None = None,
               out: str = "summaries.jsonl", redo: bool = False, *,
               on_video: OnVideo | None = None, on_event: Callable[[Any], None] | None = None,
-              use_ray: bool = False, ray_address: str | None = None) -> BatchResult:
+              use_ray: bool = False, ray_address: str | None = None,
+              shard: tuple[int, int] | None = None) -> BatchResult:
     """Summarise each video (one prefill each) and append one record per video to `out`.
 
     Videos already in `out` with status ok, the same settings hash and the same file size
     and mtime are skipped unless `redo` (`out="-"` writes to stdout and never resumes).
     The model is loaded once (per Ray actor with `use_ray`). KeyboardInterrupt propagates;
-    every line already written stays valid.
+    every line already written stays valid. While it runs, `out` is locked (statekv.locks):
+    a second run on the same `out` refuses at once naming this one's pid, unless both are
+    different shards (`shard=(K, N)`, the videos already cut with `shard()`) of that file.
     """
+    from statekv.locks import output_lock
+
+    _refuse_output_over_input(out, videos)
+    part = f"{shard[0]}/{shard[1]}" if shard else None
+    with output_lock(out, part, what="summary file"):
+        return _summarize(videos, options, prompt, out, redo, on_video, on_event, use_ray,
+                          ray_address)
+
+
+def _summarize(videos, options, prompt, out, redo, on_video, on_event, use_ray,
+               ray_address) -> BatchResult:
     from statekv.commands import plan as planning
 
     started = time.perf_counter()
-    _refuse_output_over_input(out, videos)
     resolved = planning.resolve(options)
     prompt = prompt if prompt else resolved.preset.summary_prompt
     settings = requested_settings(resolved, options, prompt)

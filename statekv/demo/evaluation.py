@@ -359,7 +359,8 @@ def plot_eval(report: EvalReport, path: str | Path) -> Path:
         raise UsageError("the plot needs matplotlib: pip install 'statekv[plot]' "
                          "(or drop --plot)") from None
     lengths = sorted({r.frames for r in report.rows})
-    fig, axes = plt.subplots(1, len(lengths), figsize=(4.5 * len(lengths), 3.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(lengths), figsize=(4.5 * len(lengths) + 1.4, 3.6),
+                             squeeze=False)
     for ax, frames in zip(axes[0], lengths):
         rows = [r for r in report.rows if r.frames == frames]
         for r in rows:  # full and isolated: one point each
@@ -367,20 +368,31 @@ def plot_eval(report: EvalReport, path: str | Path) -> Path:
                 ax.scatter([r.flops_ratio], [r.accuracy], marker="*" if r.method == "full" else "x",
                            s=80, color="k" if r.method == "full" else "r", zorder=3,
                            label=f"{r.method} ({r.accuracy:.0%})")
-        for label in sorted({(r.method, r.pin_prefix) for r in rows if r.budget is not None}):
+        labels = sorted({(r.method, r.pin_prefix) for r in rows if r.budget is not None})
+        # Budgets are written once per panel, beside one line (statekv's when it ran), above
+        # and below its points in turn: the methods share budgets, and small budgets sit close.
+        named = ("statekv", False) if ("statekv", False) in labels else (labels or [None])[0]
+        for label in labels:
             line = sorted((r for r in rows if (r.method, r.pin_prefix) == label), key=lambda r: r.budget)
             ax.plot([r.flops_ratio for r in line], [r.accuracy for r in line], marker="o",
                     linestyle="--" if label[1] else "-",
                     label=label[0] + (" +pin" if label[1] else ""))
-            for r in line:
+            if label != named:
+                continue
+            for i, r in enumerate(line):
                 ax.annotate(str(r.budget), (r.flops_ratio, r.accuracy), fontsize=6,
-                            textcoords="offset points", xytext=(3, 3))
-        ax.set_title(f"{frames} frames ({rows[0].videos} videos); points: budget")
+                            textcoords="offset points", xytext=(3, 4) if i % 2 else (3, -9))
+        ax.set_title(f"{frames} frames ({rows[0].videos} videos); numbers: budget", fontsize=9)
         ax.set_xlabel("LM prefill FLOPs / full attention's")
         ax.set_ylabel("accuracy")
         ax.set_ylim(0, 1)
-        ax.axhline(max(report.chance.values()), color="gray", linewidth=0.8)
-    axes[0][-1].legend(fontsize=7, loc="upper left")
+        chance = max(report.chance.values())
+        ax.axhline(chance, color="gray", linewidth=0.8, linestyle=":",
+                   label=f"chance ({chance:.0%})")
+        ax.annotate(f"chance {chance:.0%}", (1.0, chance), xycoords=("axes fraction", "data"),
+                    xytext=(-3, -8), textcoords="offset points", fontsize=6, color="gray",
+                    ha="right")
+    axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))  # off the data
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
