@@ -283,8 +283,11 @@ def statekv_attention(module, query, key, value, attention_mask, scaling=None, d
                                       dropout=dropout, is_causal=False)
     layer = cache.layers[module.layer_idx]
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    out, mass = attend(query, key, value, scale, layer.wants_mass, cache.attention)
-    if mass is not None:
+    observed = layer.mass_observer is not None and not layer.answering
+    out, mass = attend(query, key, value, scale, layer.wants_mass or observed, cache.attention)
+    if observed:
+        layer.mass_observer(layer.index, layer.seen - query.shape[-2], mass)
+    if mass is not None and layer.wants_mass:
         layer.commit(mass)
     return out.transpose(1, 2).contiguous(), None
 

@@ -44,6 +44,10 @@ class StateLayer(CacheLayerMixin):
         # Called with (layer index, tokens seen, kept positions (kv_heads, kept)) each time a
         # selecting policy keeps its carried state; None (the default) costs nothing.
         self.observer: Callable[[int, int, torch.Tensor], None] | None = None
+        # Called with (layer index, first position of the chunk, mass (kv_heads, keys)) after
+        # every prefill chunk's attention, whatever the policy: it makes the attention compute
+        # the mass even where the policy needs none. None (the default) costs nothing.
+        self.mass_observer: Callable[[int, int, torch.Tensor], None] | None = None
         # (keys, values, positions) of [carried ; chunk] between update() and commit()
         self._pending: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self._buffers = _CarriedBuffers()
@@ -254,6 +258,13 @@ class StateCache(Cache):
         carried state (selecting policies only; recency policies keep a contiguous tail)."""
         for layer in self.layers:
             layer.observer = observer
+
+    def observe_mass(self, observer: Callable[[int, int, torch.Tensor], None] | None) -> None:
+        """Call `observer(layer, chunk_start, mass)` after each prefill chunk's attention with
+        the per-key mass (kv_heads, keys) over the keys that chunk attended to, in cache order
+        ([pinned ; carried ; chunk]; for `full` without pinning, key j is position j)."""
+        for layer in self.layers:
+            layer.mass_observer = observer
 
     def begin_prefix(self) -> None:
         """The next chunk is the text prefix, to be pinned after it: attend, do not select."""

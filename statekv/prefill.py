@@ -151,9 +151,14 @@ def prefill_chunks(
     on_event: Callable[[PrefillEvent], None] | None = None,
     memory: accounting.PeakMemory | None = None,
     on_carried: Callable[[int, int, torch.Tensor], None] | None = None,
+    on_mass: Callable[[int, int, torch.Tensor], None] | None = None,
 ) -> PrefillResult:
     """Prefill the prompt prefix and every chunk of frames; `chunks` yields FrameChunk-likes
-    (`.frames` uint8 (n, H, W, 3), `.first`, `.timestamps`, optional `.skipped`)."""
+    (`.frames` uint8 (n, H, W, 3), `.first`, `.timestamps`, optional `.skipped`).
+
+    Observers (both off by default): `on_carried(layer, seen, kept_positions)` whenever a
+    selecting policy keeps its carried state; `on_mass(layer, chunk_start, mass)` with every
+    chunk's per-key attention mass (see `StateCache.observe_mass`)."""
     ensure_attention(adapter)
     prompt = adapter.prompt(system_prompt)
     reserve = adapter.start(frame_count, timestamps, prompt, frame_size=frame_size,
@@ -161,6 +166,7 @@ def prefill_chunks(
     loop = _Loop(adapter, policy, frame_count, reserve, attention, on_event, memory)
     loop.result = PrefillResult(cache=loop.cache, prompt=prompt)
     loop.cache.observe(on_carried)
+    loop.cache.observe_mass(on_mass)
     with torch.inference_mode():
         pinning = pin_prefix or policy.pins_prefix
         if pinning:

@@ -178,6 +178,8 @@ class Model:
         seed: int = 0,
         backend: str = "auto",
         on_event: Callable[[PrefillEvent], None] | None = None,
+        on_carried: Callable[[int, int, torch.Tensor], None] | None = None,
+        on_mass: Callable[[int, int, torch.Tensor], None] | None = None,
     ) -> Session:
         """Sample frames from a video file and prefill them.
 
@@ -186,6 +188,8 @@ class Model:
         and KV head (default 4096). window_frames: how many whole recent frames `window`
         keeps (default 16). Sampling: at most `max_frames` frames and `fps` frames per
         second (the command line's defaults), between `start` and `end` seconds.
+        on_carried / on_mass: observers of the carried state and of each chunk's attention
+        mass (see `statekv.prefill.prefill_chunks`); off by default.
         """
         info = video.probe(path)
         plan = video.plan_frames(info, max_frames, fps=fps, start=start, end=end,
@@ -201,7 +205,7 @@ class Model:
         sampling = dict(max_frames=max_frames, fps=fps, start=start, end=end)
         return self._run(chunks, shape, sampling, _Run(
             method, budget, window_frames, chunk_frames, system_prompt, pin_prefix, attention,
-            max_new_tokens, seed, on_event))
+            max_new_tokens, seed, on_event, on_carried, on_mass))
 
     def prefill_frames(
         self,
@@ -218,6 +222,8 @@ class Model:
         max_new_tokens: int = DEFAULTS.max_new_tokens,
         seed: int = 0,
         on_event: Callable[[PrefillEvent], None] | None = None,
+        on_carried: Callable[[int, int, torch.Tensor], None] | None = None,
+        on_mass: Callable[[int, int, torch.Tensor], None] | None = None,
     ) -> Session:
         """Prefill in-memory frames, uint8 (n, H, W, 3), at `timestamps` seconds (default
         0, 1, 2, ...); the other options as for `prefill`."""
@@ -233,7 +239,7 @@ class Model:
         sampling = dict(max_frames=len(frames), fps=None, start=None, end=None)
         return self._run(chunks, shape, sampling, _Run(
             method, budget, window_frames, chunk_frames, system_prompt, pin_prefix, attention,
-            max_new_tokens, seed, on_event))
+            max_new_tokens, seed, on_event, on_carried, on_mass))
 
     def _chunk_frames(self, chunk_frames: int | None) -> int:
         unit = self.adapter.frames_per_unit
@@ -261,7 +267,7 @@ class Model:
                 timestamps=shape.timestamps, frame_size=shape.frame_size,
                 duration=shape.duration, system_prompt=run.system_prompt,
                 pin_prefix=run.pin_prefix, attention=run.attention, on_event=run.on_event,
-                memory=memory)
+                memory=memory, on_carried=run.on_carried, on_mass=run.on_mass)
         session = Session(self, state, settings, memory, shape.tokens_per_frame)
         chunk_tokens = max(state.chunk_tokens[1:], default=0)
         if policy.budget is not None and policy.budget < chunk_tokens:
@@ -285,6 +291,8 @@ class _Run:
     max_new_tokens: int
     seed: int
     on_event: Callable[[PrefillEvent], None] | None
+    on_carried: Callable[[int, int, torch.Tensor], None] | None = None
+    on_mass: Callable[[int, int, torch.Tensor], None] | None = None
 
 
 def _policy(method: str | Policy, budget: int | None, window_frames: int | None,

@@ -42,6 +42,7 @@ from statekv_cli.options import (
 from statekv_cli.progress import flops, live_enabled, prefill_display, size
 from statekv_cli.bench import bench
 from statekv_cli.demo import demo, eval_
+from statekv_cli.recall import recall
 from statekv_cli.summarize import summarize
 
 app = typer.Typer(
@@ -67,6 +68,7 @@ app.command("summarize")(summarize)
 app.command("bench")(bench)
 app.command("demo")(demo)
 app.command("eval")(eval_)
+app.command("recall")(recall)
 
 
 def _print_warnings(warnings: list[str], quiet: bool) -> None:
