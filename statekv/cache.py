@@ -40,6 +40,7 @@ class StateLayer(CacheLayerMixin):
         self.carried_values: torch.Tensor | None = None
         self.carried_positions: torch.Tensor | None = None  # (kv_heads, carried) token indices
         self.max_carried = 0
+        self.carried_scores: torch.Tensor | None = None  # (kv_heads, carried) running scores
         self.index = 0  # the decoder layer this is
         # Called with (layer index, tokens seen, kept positions (kv_heads, kept)) each time a
         # selecting policy keeps its carried state; None (the default) costs nothing.
@@ -143,13 +144,20 @@ class StateLayer(CacheLayerMixin):
         """Receive the attention mass (kv_heads, keys) and keep the top entries."""
         _, _, positions = self._pending
         mass = mass[:, self.pinned:]  # pinned entries are outside the budget
+        decay = self.policy.score_decay
+        if decay and self.carried_scores is not None:  # running score: carried entries first
+            mass = mass.clone()
+            mass[:, :self.carried_scores.shape[-1]].add_(self.carried_scores, alpha=decay)
         kept = self.policy.select(mass, positions)  # (kv_heads, budget), ascending
         kv, kept_positions = self._buffers.select(kept, self.pinned)
         self._keep(kv[0:1], kv[1:2], kept_positions)
+        if decay:
+            self.carried_scores = mass.gather(1, kept)
         self.wants_mass = False
 
     def _keep(self, keys, values, positions) -> None:
         self.carried_keys, self.carried_values, self.carried_positions = keys, values, positions
+        self.carried_scores = None  # commit() sets it again for a running score
         self._pending = None
         if self.observer is not None:
             self.observer(self.index, self.seen, positions)
@@ -163,12 +171,14 @@ class StateLayer(CacheLayerMixin):
         self.pinned = tokens
         self.prefixing = False
         self.carried_keys = self.carried_values = self.carried_positions = None
+        self.carried_scores = None
         if self.is_initialized and not self.policy.recency:
             self._buffers.pin(self.keys[0, :, :tokens], self.values[0, :, :tokens])
 
     def finish_prefill(self) -> None:
         """Drop the carried state (only the detailed cache is used for answers)."""
         self.carried_keys = self.carried_values = self.carried_positions = None
+        self.carried_scores = None
         self._pending = None
         self._buffers = _CarriedBuffers()
         self.answering = True

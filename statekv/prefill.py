@@ -101,7 +101,8 @@ class _Loop:
         started = time.perf_counter()
         forward_chunk(self.adapter, cache, chunk)
         self.watch.add("lm_prefill_seconds", started)
-        result.lm_prefill_flops += accounting.chunk_flops(self.shape, chunk.tokens, carried, mass)
+        result.lm_prefill_flops += accounting.chunk_flops(
+            self.shape, chunk.tokens, carried, mass, cache.policy.bidirectional_scores)
         result.full_lm_prefill_flops += accounting.chunk_flops(
             self.shape, chunk.tokens, self.tokens_done, mass=False)
         result.chunk_tokens.append(chunk.tokens)
