@@ -28,6 +28,11 @@ def demo(
     window_frames: DemoWindow = 16, pin_prefix: PinPrefix = False, device: Device = "cpu",
     events: Annotated[bool, typer.Option("--events", help="Also list what happens in the video.")] = False,
     json_output: Json = False, quiet: Quiet = False, debug: Debug = False,
+    task: Annotated[str, typer.Option(
+        "--task", help="slots (the shipped demo model) or lockers (64 visual tokens a frame, "
+        "questions with evidence ages; needs --model, see docs/demo-task.md).")] = "slots",
+    model: Annotated[str | None, typer.Option(
+        "--model", help="lockers: the checkpoint directory (tools/train_demo.py --task lockers).")] = None,
 ) -> None:
     """Answer questions about a generated video with the shipped demo model (no download).
 
@@ -35,8 +40,17 @@ def demo(
     appear in a slot. "hat color?" asks the slot's colour when the hat appeared.
 
     Example: statekv demo --frames 32 --method statekv --budget 32
+
+    Example: statekv demo --task lockers --model lockers-ckpt --frames 128 --budget 1168 --json
     """
     from statekv.demo.evaluation import load_demo, run_demo
+
+    if task == "lockers":
+        from statekv_cli.lockers import demo_lockers
+
+        return demo_lockers(model, device, frames, seed, method, budget, window_frames,
+                            pin_prefix, events, json_output)
+    _check_task(task)
 
     result = run_demo(frames, seed, method, budget, window_frames, pin_prefix,
                       model=load_demo(device))
@@ -67,6 +81,16 @@ def demo(
                   f"tokens", markup=False)
 
 
+_DEFAULT_EVAL_METHODS = "full,isolated,window,statekv,random"
+
+
+def _check_task(task: str) -> None:
+    if task not in ("slots", "lockers"):
+        from statekv.errors import UsageError
+
+        raise UsageError(f"unknown --task {task!r}; use slots or lockers")
+
+
 def _ints(text: str, name: str) -> list[int]:
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
@@ -95,6 +119,12 @@ def eval_(
         "--plot", help="Write a PNG plot here: accuracy against LM prefill FLOPs (matplotlib).")] = None,
     seed: Seed = 0, device: Device = "cpu", json_output: Json = False, quiet: Quiet = False,
     debug: Debug = False,
+    task: Annotated[str, typer.Option(
+        "--task", help="slots (the shipped demo model) or lockers: accuracy by evidence age, "
+        "with window+pin, compute-matched windows and statekv's scoring variants (statekv-bidir, "
+        "statekv-decay); needs --model.")] = "slots",
+    model: Annotated[str | None, typer.Option(
+        "--model", help="lockers: the checkpoint directory (tools/train_demo.py --task lockers).")] = None,
 ) -> None:
     """Benchmark prefill methods against full attention on held-out synthetic videos.
 
@@ -102,8 +132,22 @@ def eval_(
     to full attention, the benchmark cannot tell methods apart, and it says so.
 
     Example: statekv eval --lengths 16,32 --budgets 32,64,128 --videos 32 --csv eval.csv --plot eval.png
+
+    Example: statekv eval --task lockers --model lockers-ckpt --lengths 128 --budgets 1168,2336 --json
     """
     from statekv.demo.evaluation import load_demo, plot_eval, run_eval, write_csv
+
+    if task == "lockers":
+        from statekv.demo.age_eval import AGE_METHODS
+        from statekv_cli.lockers import eval_lockers
+
+        chosen = [m.strip() for m in methods.split(",") if m.strip()]
+        if methods == _DEFAULT_EVAL_METHODS:
+            chosen = list(AGE_METHODS)
+        return eval_lockers(model, device, _ints(lengths, "--lengths")[0],
+                            _ints(budgets, "--budgets"), videos, chosen, seed, csv_path,
+                            plot_path, json_output, quiet)
+    _check_task(task)
 
     progress = None if quiet or json_output else (lambda msg: err.print(msg, markup=False))
     report = run_eval(_ints(lengths, "--lengths"), _ints(budgets, "--budgets"), videos, pin,
