@@ -22,7 +22,7 @@ from statekv.errors import UsageError
 from statekv.loading import load_weights, resolve_checkpoint, resolve_device, resolve_dtype
 from statekv.models import adapter_for
 from statekv.models.base import VideoAdapter
-from statekv.policies import BENCHMARK_METHODS, Policy, check_method, make_policy
+from statekv.policies import BENCHMARK_METHODS, VARIANTS, Policy, check_method, make_policy
 from statekv.prefill import PrefillEvent, PrefillResult, prefill_chunks
 from statekv.presets import DEFAULTS
 
@@ -303,7 +303,7 @@ def _policy(method: str | Policy, budget: int | None, window_frames: int | None,
     if not isinstance(method, str):
         raise UsageError(f"method must be a method name or a Policy, got {type(method).__name__}")
     check_method(method, BENCHMARK_METHODS)
-    budget = (budget or DEFAULTS.budget) if method in ("statekv", "random") else None
+    budget = (budget or DEFAULTS.budget) if method in ("statekv", "random", *VARIANTS) else None
     window_frames = (window_frames or DEFAULTS.window_frames) if method == "window" else None
     if window_frames is not None and window_frames < 1:
         raise UsageError(f"--window-frames must be at least 1, got {window_frames}")

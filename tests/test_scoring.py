@@ -93,6 +93,12 @@ def test_variant_registry_and_validation():
         assert policy.bidirectional_scores or policy.score_decay > 0
     with pytest.raises(UsageError):
         make_policy("statekv-bidir")
+
+
+def test_variants_by_name_through_the_python_api(tiny_model, frames):
+    session = tiny_model.prefill_frames(frames, method="statekv-decay", budget=29)
+    assert session.settings.method == "statekv" and session.settings.budget == 29
+    assert session.stats.carried_tokens == 29
     for bad in (-0.1, 1.0):
         with pytest.raises(UsageError):
             StateKV(tokens=8, decay=bad)
