@@ -12,8 +12,8 @@ import typer
 from rich.table import Table
 
 from statekv_cli.options import (
-    Attention, ChunkFrames, Debug, Device, Dtype, End, Fps, Json, MaxFrames, ModelOpt, Preset,
-    Quiet, Seed, Start, TrustRemoteCode, emit_json, err, handle_errors, out, run_options,
+    Attention, ChunkFrames, Debug, Device, Dtype, End, Force, Fps, Json, MaxFrames, ModelOpt,
+    Preset, Quiet, Seed, Start, TrustRemoteCode, emit_json, err, handle_errors, out, run_options,
 )
 
 
@@ -42,8 +42,8 @@ def recall(
     preset: Preset = None, model: ModelOpt = None, max_frames: MaxFrames = None, fps: Fps = None,
     start: Start = None, end: End = None, chunk_frames: ChunkFrames = None, device: Device = "auto",
     dtype: Dtype = None, attention: Attention = "sdpa", seed: Seed = 0,
-    trust_remote_code: TrustRemoteCode = False, json_output: Json = False, quiet: Quiet = False,
-    debug: Debug = False,
+    trust_remote_code: TrustRemoteCode = False, force: Force = False, json_output: Json = False,
+    quiet: Quiet = False, debug: Debug = False,
 ) -> None:
     """Measure how much of full attention's past-directed mass a carried state of B tokens
     holds (concentration: the best B tokens; weighted recall: the tokens StateKV actually
@@ -58,7 +58,7 @@ def recall(
     options = run_options(preset=preset, model=model, max_frames=max_frames, fps=fps,
                           start=start, end=end, chunk_frames=chunk_frames, device=device,
                           dtype=dtype, attention=attention, seed=seed,
-                          trust_remote_code=trust_remote_code)
+                          trust_remote_code=trust_remote_code, force=force)
     progress = None if quiet or json_output else (lambda msg: err.print(msg, markup=False))
     record = measure(path, options, _budgets(budgets), max_chunks, on_step=progress)
     if plot:

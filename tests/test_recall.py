@@ -99,3 +99,9 @@ def test_cli_recall_json_contract(clip, tiny_internvl_dir, tmp_path):
     assert bad.exit_code == 2 and "--budgets" in bad.output
     bad = runner.invoke(app, ["recall", str(clip), "--budgets", "x"])
     assert bad.exit_code == 2
+
+
+def test_cli_recall_refuses_a_missing_video_before_loading(tiny_internvl_dir, tmp_path):
+    result = CliRunner().invoke(app, ["recall", str(tmp_path / "missing.mp4"), "--model",
+                                      str(tiny_internvl_dir), "--device", "cpu"])
+    assert result.exit_code == 3 and "Traceback" not in result.output

@@ -181,10 +181,11 @@ def recall(path: str, options: Any, budgets: Sequence[int] = DEFAULT_BUDGETS,
     """`statekv recall VIDEO`: the JSON record {path, model, tokens, rows, per_layer,
     suggested_budget} for a video, with the preset/model of `options` (a RunOptions)."""
     from statekv import video
-    from statekv.commands.plan import load_model
+    from statekv.commands.plan import load_model, plan_run, preflight
 
     budgets = check_budgets(budgets)
     measured_chunks(1, max_chunks)  # validate before loading anything
+    preflight(plan_run(path, options), options.force)  # a bad file or no memory: fail first
     model, resolved = load_model(options)
     info = video.probe(path)
     plan = video.plan_frames(info, resolved.max_frames, fps=resolved.fps, start=options.start,
