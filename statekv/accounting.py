@@ -80,9 +80,13 @@ def mass_flops(shape: LMShape, queries: int, carried: int, causal: bool = True) 
     return attention_flops(shape, queries, carried, causal) // 2
 
 
-def chunk_flops(shape: LMShape, queries: int, carried: int, mass: bool) -> int:
-    """LM prefill FLOPs of one chunk as it actually ran."""
+def chunk_flops(shape: LMShape, queries: int, carried: int, mass: bool,
+                bidirectional: bool = False) -> int:
+    """LM prefill FLOPs of one chunk as it actually ran. A bidirectional mass (a scoring
+    variant) costs two QK^T passes over the whole rectangle (log-sum-exp, then masses)."""
     flops = linear_flops(shape, queries) + attention_flops(shape, queries, carried)
+    if mass and bidirectional:
+        return flops + attention_flops(shape, queries, carried, causal=False)
     return flops + (mass_flops(shape, queries, carried) if mass else 0)
 
 
@@ -99,7 +103,7 @@ def policy_chunk_flops(shape: LMShape, chunk_tokens: list[int], policy: Any,
         carried = carried_before(policy, seen, pinned)
         # A prefix about to be pinned runs as plain causal attention: nothing is selected.
         mass = not (pinning and index == 0) and mass_pass(policy, carried, pinned, tokens)
-        flops.append(chunk_flops(shape, tokens, carried, mass))
+        flops.append(chunk_flops(shape, tokens, carried, mass, policy.bidirectional_scores))
         seen += tokens
         if pinned == 0 and pinning:
             pinned = seen

@@ -139,11 +139,12 @@ def _cpu_flash_with_lse(query, key, value, scaling):
                   lse2.reshape(1, heads, q_len).float())
 
 
-def _torch_lse(query, key, scaling, block_entries: int = MASS_BLOCK_ENTRIES) -> torch.Tensor:
+def _torch_lse(query, key, scaling, block_entries: int = MASS_BLOCK_ENTRIES,
+               causal: bool = True) -> torch.Tensor:
     """Log-sum-exp (1, heads, q) of every query's visible scores, blockwise over keys (any device)."""
     _, heads, q_len, _ = query.shape
     lse = None
-    for start, part in _score_blocks(query, key, scaling, block_entries):
+    for start, part in _score_blocks(query, key, scaling, block_entries, causal=causal):
         part_lse = torch.logsumexp(part, dim=-1)  # (kv_heads, groups * q)
         lse = part_lse if lse is None else torch.logaddexp(lse, part_lse)
     return lse.reshape(1, heads, q_len)
@@ -167,11 +168,11 @@ def fused_attention(query, key, value, scaling, need_lse: bool = True):
 
 
 # fast path: the mass pass -------------------------------------------------------------------
-def _score_blocks(query, key, scaling, block_entries, neg_lse=None):
+def _score_blocks(query, key, scaling, block_entries, neg_lse=None, causal: bool = True):
     """Yield (first key, float32 block (kv_heads, groups * q, keys)) of masked scores (minus lse).
 
     Carried keys come in blocks of at most `block_entries` scores; the chunk's own keys come
-    last, in one block with the causal mask applied (-inf where hidden).
+    last, in one block with the causal mask applied (-inf where hidden) unless `causal` is off.
     """
     _, heads, q_len, _ = query.shape
     kv_heads, k_len = key.shape[1], key.shape[-2]
@@ -185,19 +186,20 @@ def _score_blocks(query, key, scaling, block_entries, neg_lse=None):
         end = min(carried, start + step)
         yield start, torch.baddbmm(bias, q, keys[:, start:end].transpose(1, 2))
     block = torch.baddbmm(bias, q, keys[:, carried:].transpose(1, 2))  # (kv_heads, rows, q_len)
-    if q_len > 1:
+    if q_len > 1 and causal:
         hidden = ~causal_mask(q_len, q_len, query.device)
         block.view(kv_heads, rows // q_len, q_len, q_len).masked_fill_(hidden, float("-inf"))
     yield carried, block
 
 
-def key_mass(query, key, lse, scaling, block_entries: int = MASS_BLOCK_ENTRIES) -> torch.Tensor:
+def key_mass(query, key, lse, scaling, block_entries: int = MASS_BLOCK_ENTRIES,
+             causal: bool = True) -> torch.Tensor:
     """Per-key attention mass (kv_heads, k_len) float32: sum over queries and grouped heads of
     exp(score - lse), one extra QK^T pass in blocks of keys."""
     kv_heads, k_len = key.shape[1], key.shape[-2]
     neg_lse = lse.reshape(kv_heads, -1, 1).neg()  # rows in the same (group, query) order
     mass = torch.empty(kv_heads, k_len, dtype=torch.float32, device=key.device)
-    for start, block in _score_blocks(query, key, scaling, block_entries, neg_lse):
+    for start, block in _score_blocks(query, key, scaling, block_entries, neg_lse, causal):
         torch.sum(block.exp_(), dim=1, out=mass[:, start:start + block.shape[-1]])
     return mass
 
@@ -260,8 +262,21 @@ def sdpa_attention(query, key, value, scaling, mask, need_mass):
     return out, key_mass(query, key, lse, scaling)
 
 
-def attend(query, key, value, scaling, need_mass, implementation="sdpa"):
-    """Chunk attention over [carried ; chunk] keys, bottom-right causal, batch 1."""
+def bidirectional_mass(query, key, scaling, implementation="sdpa") -> torch.Tensor:
+    """Per-key mass (kv_heads, k_len) as if every query of the chunk saw every key of the chunk
+    (no causal mask): a scoring view only, the attention output stays causal."""
+    if implementation == "eager":
+        return attention_mass(query, key, scaling, None)
+    lse = _torch_lse(query, key, scaling, causal=False)
+    return key_mass(query, key, lse, scaling, causal=False)
+
+
+def attend(query, key, value, scaling, need_mass, implementation="sdpa", causal_mass=True):
+    """Chunk attention over [carried ; chunk] keys, bottom-right causal, batch 1. With
+    `causal_mass` off the mass comes from the bidirectional view (`bidirectional_mass`)."""
+    if need_mass and not causal_mass:
+        out, _ = attend(query, key, value, scaling, False, implementation)
+        return out, bidirectional_mass(query, key, scaling, implementation)
     if implementation == "eager":
         mask = causal_mask(query.shape[-2], key.shape[-2], query.device)
         return eager_attention(query, key, value, scaling, mask, need_mass)
@@ -284,8 +299,12 @@ def statekv_attention(module, query, key, value, attention_mask, scaling=None, d
                                       dropout=dropout, is_causal=False)
     layer = cache.layers[module.layer_idx]
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    out, mass = attend(query, key, value, scale, layer.wants_mass, cache.attention)
-    if mass is not None:
+    observed = layer.mass_observer is not None and not layer.answering
+    out, mass = attend(query, key, value, scale, layer.wants_mass or observed, cache.attention,
+                       causal_mass=not (layer.wants_mass and cache.policy.bidirectional_scores))
+    if observed:
+        layer.mass_observer(layer.index, layer.seen - query.shape[-2], mass)
+    if mass is not None and layer.wants_mass:
         layer.commit(mass)
     return out.transpose(1, 2).contiguous(), None
 

@@ -40,10 +40,15 @@ class StateLayer(CacheLayerMixin):
         self.carried_values: torch.Tensor | None = None
         self.carried_positions: torch.Tensor | None = None  # (kv_heads, carried) token indices
         self.max_carried = 0
+        self.carried_scores: torch.Tensor | None = None  # (kv_heads, carried) running scores
         self.index = 0  # the decoder layer this is
         # Called with (layer index, tokens seen, kept positions (kv_heads, kept)) each time a
         # selecting policy keeps its carried state; None (the default) costs nothing.
         self.observer: Callable[[int, int, torch.Tensor], None] | None = None
+        # Called with (layer index, first position of the chunk, mass (kv_heads, keys)) after
+        # every prefill chunk's attention, whatever the policy: it makes the attention compute
+        # the mass even where the policy needs none. None (the default) costs nothing.
+        self.mass_observer: Callable[[int, int, torch.Tensor], None] | None = None
         # (keys, values, positions) of [carried ; chunk] between update() and commit()
         self._pending: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self._buffers = _CarriedBuffers()
@@ -141,13 +146,20 @@ class StateLayer(CacheLayerMixin):
         """Receive the attention mass (kv_heads, keys) and keep the top entries."""
         _, _, positions = self._pending
         mass = mass[:, self.pinned:]  # pinned entries are outside the budget
+        decay = self.policy.score_decay
+        if decay and self.carried_scores is not None:  # running score: carried entries first
+            mass = mass.clone()
+            mass[:, :self.carried_scores.shape[-1]].add_(self.carried_scores, alpha=decay)
         kept = self.policy.select(mass, positions)  # (kv_heads, budget), ascending
         kv, kept_positions = self._buffers.select(kept, self.pinned)
         self._keep(kv[0:1], kv[1:2], kept_positions)
+        if decay:
+            self.carried_scores = mass.gather(1, kept)
         self.wants_mass = False
 
     def _keep(self, keys, values, positions) -> None:
         self.carried_keys, self.carried_values, self.carried_positions = keys, values, positions
+        self.carried_scores = None  # commit() sets it again for a running score
         self._pending = None
         if self.observer is not None:
             self.observer(self.index, self.seen, positions)
@@ -161,12 +173,14 @@ class StateLayer(CacheLayerMixin):
         self.pinned = tokens
         self.prefixing = False
         self.carried_keys = self.carried_values = self.carried_positions = None
+        self.carried_scores = None
         if self.is_initialized and not self.policy.recency:
             self._buffers.pin(self.keys[0, :, :tokens], self.values[0, :, :tokens])
 
     def finish_prefill(self) -> None:
         """Drop the carried state (only the detailed cache is used for answers)."""
         self.carried_keys = self.carried_values = self.carried_positions = None
+        self.carried_scores = None
         self._pending = None
         self._buffers = _CarriedBuffers()
         self.answering = True
@@ -256,6 +270,13 @@ class StateCache(Cache):
         carried state (selecting policies only; recency policies keep a contiguous tail)."""
         for layer in self.layers:
             layer.observer = observer
+
+    def observe_mass(self, observer: Callable[[int, int, torch.Tensor], None] | None) -> None:
+        """Call `observer(layer, chunk_start, mass)` after each prefill chunk's attention with
+        the per-key mass (kv_heads, keys) over the keys that chunk attended to, in cache order
+        ([pinned ; carried ; chunk]; for `full` without pinning, key j is position j)."""
+        for layer in self.layers:
+            layer.mass_observer = observer
 
     def begin_prefix(self) -> None:
         """The next chunk is the text prefix, to be pinned after it: attend, do not select."""

@@ -62,6 +62,16 @@ class Policy:
         """The `--budget` this policy was given (None when it takes none)."""
         return None
 
+    @property
+    def bidirectional_scores(self) -> bool:
+        """Score with every chunk query seeing every chunk key (the forward stays causal)."""
+        return False
+
+    @property
+    def score_decay(self) -> float:
+        """Weight of a carried entry's previous score in its running score; 0 = this chunk only."""
+        return 0.0
+
 
 @dataclass(frozen=True)
 class Full(Policy):
@@ -116,16 +126,34 @@ class Window(Policy):
 
 @dataclass(frozen=True)
 class StateKV(Policy):
-    """Carry the top-`budget` entries by attention mass per layer and KV head (arXiv 2605.31598)."""
+    """Carry the top-`budget` entries by attention mass per layer and KV head (arXiv 2605.31598).
+
+    Scoring variants, off by default (the paper's rule): `bidirectional` scores the chunk's keys
+    as if every chunk query saw every chunk key (the forward itself stays causal), so a chunk's
+    last tokens are not starved of scorers; `decay` in [0, 1) keeps a running score per carried
+    entry, score = this chunk's mass + decay x its previous score (new entries start at their mass).
+    """
 
     name: ClassVar[str] = "statekv"
     needs_mass: ClassVar[bool] = True
     recency: ClassVar[bool] = False
     tokens: int = 4096
+    bidirectional: bool = False
+    decay: float = 0.0
 
     def __post_init__(self) -> None:
         if self.tokens < 1:
             raise UsageError(f"--budget must be at least 1 token, got {self.tokens}")
+        if not 0.0 <= self.decay < 1.0:
+            raise UsageError(f"score decay must be in [0, 1), got {self.decay}")
+
+    @property
+    def bidirectional_scores(self) -> bool:
+        return self.bidirectional and self.needs_mass
+
+    @property
+    def score_decay(self) -> float:
+        return self.decay if self.needs_mass else 0.0
 
     @property
     def capacity(self) -> int:
@@ -179,7 +207,11 @@ POLICIES: dict[str, type[Policy]] = {
     cls.name: cls for cls in (Full, Window, StateKV, Isolated, Random)
 }
 METHODS: tuple[str, ...] = ("full", "window", "statekv", "isolated")  # what `--method` offers
-BENCHMARK_METHODS: tuple[str, ...] = (*METHODS, "random")  # eval also runs the random baseline
+# Scoring variants of statekv, measured by `statekv eval` (never a default without evidence).
+VARIANTS: dict[str, dict] = {"statekv-bidir": {"bidirectional": True},
+                             "statekv-decay": {"decay": 0.5}}
+# eval also runs the random baseline and the scoring variants
+BENCHMARK_METHODS: tuple[str, ...] = (*METHODS, "random", *VARIANTS)
 
 
 def check_method(method: str, allowed: tuple[str, ...] = METHODS, option: str = "--method") -> str:
@@ -195,7 +227,11 @@ def make_policy(
 ) -> Policy:
     """The policy for a method name; budget and window are in tokens, or the window in whole
     frames when `layout` (token counts of the prefix, then of each frame) is known."""
-    cls = POLICIES.get(check_method(method, tuple(POLICIES)))
+    if method in VARIANTS:
+        if budget is None:
+            raise UsageError(f"method {method!r} needs a budget (--budget)")
+        return StateKV(tokens=int(budget), **VARIANTS[method])
+    cls = POLICIES.get(check_method(method, (*POLICIES, *VARIANTS)))
     if cls is Window:
         if window_frames is not None and layout:
             return Window.of_frames(int(window_frames), layout)

@@ -129,7 +129,8 @@ class _Loop:
         started = time.perf_counter()
         forward_chunk(self.adapter, cache, chunk)
         self.watch.add("lm_prefill_seconds", started)
-        result.lm_prefill_flops += accounting.chunk_flops(self.shape, chunk.tokens, carried, mass)
+        result.lm_prefill_flops += accounting.chunk_flops(
+            self.shape, chunk.tokens, carried, mass, cache.policy.bidirectional_scores)
         result.full_lm_prefill_flops += accounting.chunk_flops(
             self.shape, chunk.tokens, self.tokens_done, mass=False)
         result.chunk_tokens.append(chunk.tokens)
@@ -182,6 +183,7 @@ def prefill_chunks(
     memory: accounting.PeakMemory | None = None,
     on_carried: Callable[[int, int, torch.Tensor], None] | None = None,
     full_forward_tokens: int | None = None,
+    on_mass: Callable[[int, int, torch.Tensor], None] | None = None,
 ) -> PrefillResult:
     """Prefill the prompt prefix and every chunk of frames; `chunks` yields FrameChunk-likes
     (`.frames` uint8 (n, H, W, 3), `.first`, `.timestamps`, optional `.skipped`).
@@ -190,7 +192,11 @@ def prefill_chunks(
     one language-model forward of at most `full_forward_tokens` tokens (default: up to
     FULL_FORWARD_TOKENS, bounded by free memory; 0 keeps the chunks as they come): exact,
     since causal attention over all earlier keys does not depend on where chunks are cut.
-    """
+
+    Observers (both off by default): `on_carried(layer, seen, kept_positions)` whenever a
+    selecting policy keeps its carried state; `on_mass(layer, chunk_start, mass)` with every
+    chunk's per-key attention mass (see `StateCache.observe_mass`); with `on_mass` set, `full`
+    keeps the chunks as they come, so the masses are per chunk."""
     ensure_attention(adapter)
     prompt = adapter.prompt(system_prompt)
     reserve = adapter.start(frame_count, timestamps, prompt, frame_size=frame_size,
@@ -198,7 +204,7 @@ def prefill_chunks(
     loop = _Loop(adapter, policy, frame_count, reserve, attention, on_event, memory)
     with torch.inference_mode():
         prefix = adapter.prefix_chunk()
-    if carries_everything(policy):
+    if carries_everything(policy) and on_mass is None:  # the mass observer wants every chunk
         per_frame = (reserve - len(prefix.token_ids)) / max(1, frame_count)
         if full_forward_tokens is None:
             full_forward_tokens = forward_tokens_cap(adapter, loop.shape)
@@ -209,6 +215,7 @@ def prefill_chunks(
         "frame_size": list(frame_size) if frame_size is not None else None,
         "duration": duration})
     loop.cache.observe(on_carried)
+    loop.cache.observe_mass(on_mass)
     with torch.inference_mode(), fixed_rotary(adapter.language_model, loop.result.rotary_length):
         pinning = pin_prefix or policy.pins_prefix
         if pinning:

@@ -23,7 +23,7 @@ from statekv.errors import UsageError
 from statekv.loading import load_weights, resolve_checkpoint, resolve_device, resolve_dtype
 from statekv.models import adapter_for
 from statekv.models.base import VideoAdapter
-from statekv.policies import BENCHMARK_METHODS, Policy, check_method, make_policy
+from statekv.policies import BENCHMARK_METHODS, VARIANTS, Policy, check_method, make_policy
 from statekv.prefill import PrefillEvent, PrefillResult, prefill_chunks
 from statekv.presets import DEFAULTS
 from statekv.units import fraction
@@ -250,6 +250,8 @@ class Model:
         seed: int = 0,
         backend: str = "auto",
         on_event: Callable[[PrefillEvent], None] | None = None,
+        on_carried: Callable[[int, int, torch.Tensor], None] | None = None,
+        on_mass: Callable[[int, int, torch.Tensor], None] | None = None,
     ) -> Session:
         """Sample frames from a video file and prefill them.
 
@@ -259,6 +261,8 @@ class Model:
         keeps (default 16). Sampling: at most `max_frames` frames and `fps` frames per
         second (the command line's defaults), between `start` and `end` seconds;
         `max_frames="fit"` samples as many as fit in the model's trained context.
+        on_carried / on_mass: observers of the carried state and of each chunk's attention
+        mass (see `statekv.prefill.prefill_chunks`); off by default.
         """
         from statekv.saved import video_identity
 
@@ -291,7 +295,7 @@ class Model:
         sampling = dict(max_frames=max_frames, fps=fps, start=start, end=end)
         session = self._run(chunks, shape, sampling, _Run(
             method, budget, window_frames, chunk_frames, system_prompt, pin_prefix, attention,
-            max_new_tokens, seed, on_event), tokens_for)
+            max_new_tokens, seed, on_event, on_carried, on_mass), tokens_for)
         session.options["backend"] = backend
         session.video = {"path": str(path), **identity}
         return session
@@ -332,6 +336,8 @@ class Model:
         max_new_tokens: int = DEFAULTS.max_new_tokens,
         seed: int = 0,
         on_event: Callable[[PrefillEvent], None] | None = None,
+        on_carried: Callable[[int, int, torch.Tensor], None] | None = None,
+        on_mass: Callable[[int, int, torch.Tensor], None] | None = None,
     ) -> Session:
         """Prefill in-memory frames, uint8 (n, H, W, 3), at `timestamps` seconds (default
         0, 1, 2, ...); the other options as for `prefill`."""
@@ -353,7 +359,7 @@ class Model:
 
         return self._run(chunks, shape, sampling, _Run(
             method, budget, window_frames, chunk_frames, system_prompt, pin_prefix, attention,
-            max_new_tokens, seed, on_event), tokens_for)
+            max_new_tokens, seed, on_event, on_carried, on_mass), tokens_for)
 
     def _context(self, shape: _VideoShape, layout: list[int] | None,
                  tokens_for: Callable[[int], int]) -> Context | None:
@@ -398,7 +404,7 @@ class Model:
                 timestamps=shape.timestamps, frame_size=shape.frame_size,
                 duration=shape.duration, system_prompt=run.system_prompt,
                 pin_prefix=run.pin_prefix, attention=run.attention, on_event=run.on_event,
-                memory=memory)
+                memory=memory, on_carried=run.on_carried, on_mass=run.on_mass)
         session = Session(self, state, settings, memory, shape.tokens_per_frame, context, options={
             "system_prompt": run.system_prompt, "pin_prefix": run.pin_prefix,
             "attention": run.attention, "backend": None})
@@ -424,6 +430,8 @@ class _Run:
     max_new_tokens: int
     seed: int
     on_event: Callable[[PrefillEvent], None] | None
+    on_carried: Callable[[int, int, torch.Tensor], None] | None = None
+    on_mass: Callable[[int, int, torch.Tensor], None] | None = None
 
 
 def _policy(method: str | Policy, budget: int | None, window_frames: int | None,
@@ -438,7 +446,7 @@ def _policy(method: str | Policy, budget: int | None, window_frames: int | None,
     if not isinstance(method, str):
         raise UsageError(f"method must be a method name or a Policy, got {type(method).__name__}")
     check_method(method, BENCHMARK_METHODS)
-    budget = (budget or DEFAULTS.budget) if method in ("statekv", "random") else None
+    budget = (budget or DEFAULTS.budget) if method in ("statekv", "random", *VARIANTS) else None
     window_frames = (window_frames or DEFAULTS.window_frames) if method == "window" else None
     if window_frames is not None and window_frames < 1:
         raise UsageError(f"--window-frames must be at least 1, got {window_frames}")

@@ -58,9 +58,9 @@ def remaining(elapsed: float, done: float, total: float) -> float | None:
     return None if not done else elapsed * max(0.0, total - done) / done
 
 
-def format_fraction(value: float | None) -> str:
-    """A fraction as a percentage, '-' when undefined."""
-    return "-" if value is None else f"{value:.0%}"
+def format_fraction(value: float | None, digits: int = 0) -> str:
+    """A fraction as a percentage ('42%', or '42.3%' with digits=1), '-' when undefined."""
+    return "-" if value is None else f"{value:.{digits}%}"
 
 
 SIZE_UNITS = {"": 1, "B": 1, "K": 2**10, "KB": 2**10, "KIB": 2**10, "M": 2**20, "MB": 2**20,

@@ -29,6 +29,7 @@ from statekv_cli.options import ALL_RUN_OPTIONS
 from statekv_cli.progress import live_enabled, prefill_display
 from statekv_cli.bench import bench
 from statekv_cli.demo import demo, eval_
+from statekv_cli.recall import recall
 from statekv_cli.summarize import summarize
 from statekv_cli.prefill import prefill
 from statekv_cli.cache import cache_app
@@ -58,6 +59,7 @@ app.command("demo")(demo)
 app.command("eval")(eval_)
 app.command("prefill")(prefill)
 app.add_typer(cache_app, name="cache")
+app.command("recall")(recall)
 
 
 def _print_warnings(warnings: list[str], quiet: bool) -> None:

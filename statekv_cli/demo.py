@@ -30,6 +30,11 @@ def demo(
     threads: Threads = None,
     events: Annotated[bool, typer.Option("--events", help="Also list what happens in the video.")] = False,
     json_output: Json = False, quiet: Quiet = False, debug: Debug = False,
+    task: Annotated[str, typer.Option(
+        "--task", help="slots (the shipped demo model) or lockers (64 visual tokens a frame, "
+        "questions with evidence ages; needs --model, see docs/demo-task.md).")] = "slots",
+    model: Annotated[str | None, typer.Option(
+        "--model", help="lockers: the checkpoint directory (tools/train_demo.py --task lockers).")] = None,
 ) -> None:
     """Answer questions about a generated video with the shipped demo model (no download).
 
@@ -37,8 +42,17 @@ def demo(
     appear in a slot. "hat color?" asks the slot's colour when the hat appeared.
 
     Example: statekv demo --frames 32 --method statekv --budget 32
+
+    Example: statekv demo --task lockers --model lockers-ckpt --frames 128 --budget 1168 --json
     """
     from statekv.demo.evaluation import load_demo, run_demo
+
+    if task == "lockers":
+        from statekv_cli.lockers import demo_lockers
+
+        return demo_lockers(model, device, frames, seed, method, budget, window_frames,
+                            pin_prefix, events, json_output)
+    _check_task(task)
 
     result = run_demo(frames, seed, method, budget, window_frames, pin_prefix,
                       model=load_demo(device, threads))
@@ -67,6 +81,16 @@ def demo(
                   f"({format_fraction(s['lm_flops_fraction'])} of full "
                   f"attention's), carried {s['carried_tokens']} / detailed {s['detailed_tokens']} "
                   f"tokens", markup=False)
+
+
+_DEFAULT_EVAL_METHODS = "full,isolated,window,statekv,random"
+
+
+def _check_task(task: str) -> None:
+    if task not in ("slots", "lockers"):
+        from statekv.errors import UsageError
+
+        raise UsageError(f"unknown --task {task!r}; use slots or lockers")
 
 
 def _ints(text: str, name: str) -> list[int]:
@@ -129,6 +153,11 @@ def eval_(
         "with --benchmark.")] = None,
     threads: Threads = None, json_output: Json = False, quiet: Quiet = False,
     debug: Debug = False, options: Any = None,
+    task: Annotated[str, typer.Option(
+        "--task", help="slots (the shipped demo model) or lockers: accuracy by evidence age, "
+        "with window+pin, compute-matched windows and statekv's scoring variants (statekv-bidir, "
+        "statekv-decay); lockers needs --model (a checkpoint from tools/train_demo.py --task "
+        "lockers).")] = "slots",
 ) -> None:
     """Benchmark prefill methods against full attention on held-out synthetic videos, or
     (with --benchmark) on Video-MME or MLVU as downloaded.
@@ -141,6 +170,8 @@ def eval_(
     Example: statekv eval --benchmark videomme --data Video-MME --preset internvl3-1b --max-frames 512 --fps 1 --out videomme.jsonl
 
     Example: statekv eval --report videomme.jsonl
+
+    Example: statekv eval --task lockers --model lockers-ckpt --lengths 128 --budgets 1168,2336 --json
     """
     if report_path:
         from statekv_cli import benchmark as rendering
@@ -157,6 +188,15 @@ def eval_(
         return
     from statekv.demo.evaluation import load_demo, plot_eval, run_eval, write_csv
 
+    if task == "lockers":
+        from statekv.demo.age_eval import AGE_METHODS
+        from statekv_cli.lockers import eval_lockers
+
+        chosen = [m.strip() for m in methods.split(",") if m.strip()] if methods else list(AGE_METHODS)
+        return eval_lockers(options.model, device or "cpu", _ints(lengths, "--lengths")[0],
+                            _ints(budgets, "--budgets"), videos, chosen, seed, csv_path,
+                            plot_path, json_output, quiet)
+    _check_task(task)
     methods = methods or "full,isolated,window,statekv,random"
     progress = None if quiet or json_output else (lambda msg: err.print(msg, markup=False))
     report = run_eval(_ints(lengths, "--lengths"), _ints(budgets, "--budgets"), videos, pin,

@@ -50,13 +50,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np
 import torch
 
-from statekv.demo import synthetic
+from statekv.demo import lockers, synthetic
 
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "statekv" / "demo" / "checkpoint"
 ARCH = {"image_size": 32, "patch_size": 8, "text_layers": 5, "hidden": 64, "heads": 4,
         "kv_heads": 2, "vision_layers": 1}
 # (fraction of the steps done, video length in frames): a length curriculum
 CURRICULUM = ((0.2, 8), (0.4, 16), (1.0, 32))  # the shipped model's; 32 = training length
+# `--task lockers` (statekv.demo.lockers): 64x64 frames, patch 4 -> 64 visual tokens per frame
+TASKS = {"slots": synthetic, "lockers": lockers}
+LOCKERS_ARCH = {"image_size": 64, "patch_size": 4}
+LOCKERS_CURRICULUM = ((0.3, 8), (0.8, 16), (1.0, 32))
 
 
 class Layout:
@@ -95,7 +99,8 @@ def pixel_values(frames: np.ndarray, processor) -> torch.Tensor:
     return (x - mean) / std
 
 
-def build_batch(videos, layout: Layout, isolated: bool = False, aux: str | None = None):
+def build_batch(videos, layout: Layout, isolated: bool = False, aux: str | None = None,
+                with_mask: bool = True):
     """ids (B, L), position ids (B, L), mask (B, 1, L, L) bool, targets (B, L) (-100 = no loss),
     kinds (B, L) question kind index (-1 = none), context positions of each frame token."""
     rows = []
@@ -129,8 +134,8 @@ def build_batch(videos, layout: Layout, isolated: bool = False, aux: str | None 
     pos_t = torch.zeros((B, length), dtype=torch.long)
     tgt_t = torch.full((B, length), -100, dtype=torch.long)
     kind_t = torch.full((B, length), -1, dtype=torch.long)
-    mask = torch.zeros((B, 1, length, length), dtype=torch.bool)
-    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    mask = torch.zeros((B, 1, length, length), dtype=torch.bool) if with_mask else None
+    causal = torch.ones(length, length, dtype=torch.bool).tril() if with_mask else None
     for b, (ids, seg, pos, targets, kinds, video_len) in enumerate(rows):
         n = len(ids)
         ids_t[b, :n] = torch.tensor(ids)
@@ -138,6 +143,8 @@ def build_batch(videos, layout: Layout, isolated: bool = False, aux: str | None 
         pos_t[b, n:] = torch.arange(n, length)
         tgt_t[b, :n] = torch.tensor(targets)
         kind_t[b, :n] = torch.tensor(kinds)
+        if not with_mask:
+            continue
         s = torch.tensor(seg + [-10_000 - i for i in range(length - n)])
         same = s[:, None] == s[None, :]
         video_q = s[:, None] > -1  # a video token
@@ -155,6 +162,8 @@ def build_batch(videos, layout: Layout, isolated: bool = False, aux: str | None 
 def _aux_targets(video, aux: str | None, layout: Layout) -> list[list[int]]:
     """Per frame, the auxiliary targets of its tokens (-100: none).
 
+    "lockers" (the lockers task): each visual token predicts the colour its locker has after
+    this frame's event (every token belongs to one locker: 2x2 tokens each);
     "slots": each slot's visual token (InternVL's pixel shuffle keeps the quadrants in raster
     order, one token each) predicts the colour that slot has after this frame's event;
     "frame": the frame's last token predicts the colour of the slot its event touches."""
@@ -162,6 +171,17 @@ def _aux_targets(video, aux: str | None, layout: Layout) -> list[list[int]]:
     lengths = [len(layout.frame(i)) for i in range(n)]
     if not aux:
         return [[-100] * length for length in lengths]
+    if aux == "lockers":
+        owner = lockers.token_lockers()
+        rows = []
+        for i, colours in enumerate(lockers.locker_colours(video.events)):
+            ids, target, visual = layout.frame(i), [], 0
+            for token in ids:
+                locker = owner[visual] if token == layout.context_id else None
+                visual += token == layout.context_id
+                target.append(layout.answer(colours[locker]) if locker in colours else -100)
+            rows.append(target)
+        return rows
     if aux == "frame":
         return [[-100] * (length - 1) + [layout.answer(c) if c else -100]
                 for length, c in zip(lengths, _frame_colours(video))]
@@ -179,9 +199,15 @@ def _frame_colours(video) -> list[str | None]:
             for e, colours in zip(video.events, synthetic.slot_colours(video.events))]
 
 
-def forward(model, layout: Layout, processor, videos, isolated: bool = False, aux: str | None = None):
-    """Logits at the supervised positions, their targets and question kinds (-1: not a question)."""
-    ids, pos, mask, targets, kinds = build_batch(videos, layout, isolated, aux)
+def forward(model, layout: Layout, processor, videos, isolated: bool = False, aux: str | None = None,
+            causal: bool = False):
+    """Logits at the supervised positions, their targets and question kinds (-1: not a question).
+
+    `causal` (the lockers task's training): one plain causal sequence, the fused kernel and no
+    mask tensor (O(length) memory, not O(length^2)); the question blocks then also see the
+    earlier questions of their video (at inference each sees only the video), a small
+    mismatch bought for a several-fold cheaper step."""
+    ids, pos, mask, targets, kinds = build_batch(videos, layout, isolated, aux, not causal)
     embeds = model.get_input_embeddings()(ids)
     frames = np.concatenate([v.frames for v in videos])
     cfg = model.config
@@ -211,20 +237,26 @@ def length_at(step: int, steps: int, curriculum=None) -> int:
 
 
 def accuracy(model, layout, processor, frames: int, videos: int, isolated: bool = False,
-             batch: int = 8) -> dict[str, float]:
-    """Held-out (test split) first-answer-token accuracy per question kind, full attention."""
-    hits = {k: [0, 0] for k in synthetic.KINDS}
+             batch: int = 8, task: str = "slots") -> dict[str, float]:
+    """Held-out (test split) first-answer-token accuracy per question kind, full attention;
+    for the lockers task also beyond the 16-frame window ("old": evidence age > 16)."""
+    hits = {k: [0, 0] for k in (*synthetic.KINDS, "old")}
     model.eval()
     with torch.no_grad():
-        for start in range(0, videos, batch):
-            vids = synthetic.split_videos("test", min(batch, videos - start), frames, start)
-            logits, targets, kinds = forward(model, layout, processor, vids, isolated)
+        for start in range(0, videos, max(1, batch)):
+            vids = TASKS[task].split_videos("test", min(batch, videos - start), frames, start)
+            logits, targets, kinds = forward(model, layout, processor, vids, isolated,
+                                             causal=task == "lockers" and not isolated)
             answer = kinds >= 0
             right = logits[answer].argmax(-1) == targets[answer]
-            for k, ok in zip(kinds[answer].tolist(), right.tolist()):
+            ages = [getattr(q, "evidence_age", 0) for v in vids for q in v.questions]
+            for k, ok, age in zip(kinds[answer].tolist(), right.tolist(), ages):
                 hits[synthetic.KINDS[k]][0] += int(ok)
                 hits[synthetic.KINDS[k]][1] += 1
-    return {k: h / max(1, n) for k, (h, n) in hits.items()}
+                if age > lockers.WINDOW_FRAMES:
+                    hits["old"][0] += int(ok)
+                    hits["old"][1] += 1
+    return {k: h / n for k, (h, n) in hits.items() if n}
 
 
 def build_base(workdir: Path, seed: int, arch=None):
@@ -242,10 +274,15 @@ def build_base(workdir: Path, seed: int, arch=None):
 def train(out: Path, steps: int = 10000, batch: int = 8, lr: float = 3e-3, seed: int = 0,
           eval_videos: int = 64, log=print, threads: int | None = None,
           aux_weight: float = 0.5, curriculum=None, aux: str = "slots", arch=None,
-          eval_every: int = 0) -> dict:
+          eval_every: int = 0, task: str = "slots", eval_frames: int | None = None,
+          max_cpu_seconds: float | None = None, max_wall_seconds: float | None = None) -> dict:
     """Train, save the checkpoint to `out`, return a summary (losses, accuracies, seconds)."""
     if threads:
         torch.set_num_threads(threads)
+    tasks = TASKS[task]
+    if task == "lockers":
+        arch = {**LOCKERS_ARCH, **(arch or {})}
+        curriculum = curriculum or LOCKERS_CURRICULUM
     torch.manual_seed(seed)
     started = time.process_time()
     wall = time.perf_counter()
@@ -260,10 +297,11 @@ def train(out: Path, steps: int = 10000, batch: int = 8, lr: float = 3e-3, seed:
     model.train()
     for step in range(steps):
         frames = length_at(step, steps, curriculum)
-        vids = [synthetic.generate_video(frames, synthetic.split_seed("train", step * batch + b, frames))
+        vids = [tasks.generate_video(frames, tasks.split_seed("train", step * batch + b, frames))
                 for b in range(batch)]
         logits, targets, kinds = forward(model, layout, processor, vids,
-                                         aux=aux if aux_weight > 0 else None)
+                                         aux=aux if aux_weight > 0 else None,
+                                         causal=task == "lockers")
         per_token = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
         question = kinds >= 0
         answers = question | (targets == layout.eos)
@@ -277,25 +315,34 @@ def train(out: Path, steps: int = 10000, batch: int = 8, lr: float = 3e-3, seed:
         schedule.step()
         losses.append(loss.item())
         if eval_every and step and step % eval_every == 0:
-            frames_eval = length_at(steps - 1, steps, curriculum)
+            frames_eval = eval_frames or length_at(steps - 1, steps, curriculum)
             log(f"step {step} eval {frames_eval} frames: full "
-                f"{accuracy(model, layout, processor, frames_eval, 32)} isolated "
-                f"{accuracy(model, layout, processor, frames_eval, 32, isolated=True)}")
+                f"{accuracy(model, layout, processor, frames_eval, 16, batch=2, task=task)} isolated "
+                f"{accuracy(model, layout, processor, frames_eval, 8, True, 1, task)}")
             model.train()
         if step % 50 == 0 or step == steps - 1:
             log(f"step {step} frames {frames} loss {np.mean(losses[-50:]):.4f} "
                 f"cpu {time.process_time() - started:.0f}s wall {time.perf_counter() - wall:.0f}s")
+        if (max_cpu_seconds and time.process_time() - started > max_cpu_seconds) or \
+                (max_wall_seconds and time.perf_counter() - wall > max_wall_seconds):
+            log(f"stopping at step {step}: the time budget is spent")
+            steps_done = step + 1
+            break
+    else:
+        steps_done = steps
     model.eval()
-    summary = {"steps": steps, "batch": batch, "lr": lr, "seed": seed, "aux_weight": aux_weight,
+    summary = {"task": task, "steps": steps, "steps_done": steps_done, "batch": batch, "lr": lr, "seed": seed, "aux_weight": aux_weight,
                "aux": aux, "arch": {**ARCH, **(arch or {})}, "curriculum": curriculum or CURRICULUM,
                "first_loss": losses[0], "last_loss": float(np.mean(losses[-20:])), "losses": losses,
                "cpu_seconds": time.process_time() - started,
                "wall_seconds": time.perf_counter() - wall}
     if eval_videos:
-        length = length_at(steps - 1, steps, curriculum)
-        summary["test_accuracy"] = accuracy(model, layout, processor, length, eval_videos)
+        length = eval_frames or length_at(steps - 1, steps, curriculum)
+        summary["test_frames"] = length
+        summary["test_accuracy"] = accuracy(model, layout, processor, length, eval_videos,
+                                            batch=2, task=task)
         summary["test_accuracy_isolated"] = accuracy(model, layout, processor, length,
-                                                     eval_videos, isolated=True)
+                                                     eval_videos, isolated=True, batch=1, task=task)
         log(json.dumps({k: v for k, v in summary.items() if k != "losses"}))
     save(model, processor, out, summary)
     return summary
@@ -324,9 +371,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--aux-weight", type=float, default=0.5,
                         help="weight of the auxiliary per-frame colour targets (0: answers only)")
-    parser.add_argument("--aux", choices=("slots", "frame"), default="slots",
+    parser.add_argument("--task", choices=tuple(TASKS), default="slots",
+                        help="slots: statekv.demo.synthetic (the first demo model); lockers: "
+                             "statekv.demo.lockers (64 visual tokens a frame, evidence ages)")
+    parser.add_argument("--eval-frames", type=int, default=None,
+                        help="video length of the held-out evaluation (default: the last "
+                             "curriculum length)")
+    parser.add_argument("--max-cpu-minutes", type=float, default=None,
+                        help="stop training once this much CPU time is spent (a stated budget)")
+    parser.add_argument("--max-wall-minutes", type=float, default=None,
+                        help="stop training (and save) once this much wall time has passed")
+    parser.add_argument("--aux", choices=("slots", "frame", "lockers"), default=None,
                         help="auxiliary targets: every slot token's current colour, or the touched "
-                             "slot's colour at each event frame's last token")
+                             "slot's colour at each event frame's last token; lockers: every "
+                             "locker token's current colour (default: slots, or lockers for "
+                             "--task lockers)")
     parser.add_argument("--eval-every", type=int, default=0,
                         help="log held-out accuracy (full and isolated) every N steps")
     parser.add_argument("--hidden", type=int, default=ARCH["hidden"])
@@ -339,10 +398,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.curriculum:
         pairs = [item.split(":") for item in args.curriculum.split(",")]
         curriculum = tuple((float(f), int(n)) for n, f in pairs)
+    aux = args.aux or ("lockers" if args.task == "lockers" else "slots")
     train(args.out, args.steps, args.batch, args.lr, args.seed, args.eval_videos,
           threads=args.threads, log=lambda s: print(s, flush=True), aux_weight=args.aux_weight,
-          curriculum=curriculum, aux=args.aux, eval_every=args.eval_every,
-          arch={"hidden": args.hidden, "text_layers": args.layers, "heads": args.heads})
+          curriculum=curriculum, aux=aux, eval_every=args.eval_every,
+          arch={"hidden": args.hidden, "text_layers": args.layers, "heads": args.heads},
+          task=args.task, eval_frames=args.eval_frames,
+          max_cpu_seconds=args.max_cpu_minutes * 60 if args.max_cpu_minutes else None,
+          max_wall_seconds=args.max_wall_minutes * 60 if args.max_wall_minutes else None)
     return 0
 
 

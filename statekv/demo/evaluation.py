@@ -55,6 +55,8 @@ class DemoAnswer:
     kind: str
     answer: str
     truth: str
+    evidence_age: int | None = None  # frames between the evidence and the probe (lockers task)
+    full_answer: str | None = None  # full attention's answer on the same video (lockers task)
 
     @property
     def correct(self) -> bool:
@@ -84,6 +86,9 @@ class DemoResult:
         data = asdict(self)
         for item in data["answers"]:
             item["correct"] = item["answer"] == item["truth"]
+            for key in ("evidence_age", "full_answer"):  # only the lockers task has them
+                if item[key] is None:
+                    del item[key]
         data["accuracy"] = self.accuracy
         return data
 
