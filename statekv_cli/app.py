@@ -52,14 +52,6 @@ app = typer.Typer(
 )
 presets_app = typer.Typer(help="List the shipped model presets, or show one.",
                           invoke_without_command=True, rich_markup_mode=None)
-app.add_typer(presets_app, name="presets")
-app.command("summarize")(summarize)
-app.command("bench")(bench)
-app.command("demo")(demo)
-app.command("eval")(eval_)
-app.command("prefill")(prefill)
-app.add_typer(cache_app, name="cache")
-app.command("recall")(recall)
 
 
 def _print_warnings(warnings: list[str], quiet: bool) -> None:
@@ -323,6 +315,17 @@ def presets_show(
         emit_json(preset.to_dict())
     else:
         out.print(yaml.safe_dump(preset.to_dict(), sort_keys=False).rstrip(), markup=False)
+
+
+# The commands defined in their own modules, listed after ask/compare/info in --help.
+app.command("summarize")(summarize)
+app.command("prefill")(prefill)
+app.add_typer(cache_app, name="cache")
+app.add_typer(presets_app, name="presets")
+app.command("demo")(demo)
+app.command("eval")(eval_)
+app.command("recall")(recall)
+app.command("bench")(bench)
 
 
 def main() -> None:
