@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from statekv.demo.synthetic import BACKGROUND, COLOURS, GLYPHS, _glyph_mask
+from statekv.demo.synthetic import COLOURS, GLYPHS, render_events
 
 FRAME_SIZE = 64  # pixels; patch 4 -> 16x16 patches -> 8x8 visual tokens after the pixel shuffle
 GRID = 4  # lockers per side
@@ -178,20 +178,11 @@ def questions_of(events: list[Event]) -> list[Question]:
 
 def render(events: list[Event], rng: np.random.Generator, noise: float = 3.0) -> np.ndarray:
     """Frames (n, 64, 64, 3) uint8 for a list of events."""
-    frames = np.full((len(events), FRAME_SIZE, FRAME_SIZE, 3), BACKGROUND, dtype=np.float32)
-    for i, e in enumerate(events):
-        if e.kind == "empty":
-            continue
-        row, col = divmod(e.slot, GRID)
-        dy, dx = (int(v) for v in rng.integers(-1, 2, size=2))  # a pixel of jitter
-        top, left = row * BLOCK + 2 + dy, col * BLOCK + 2 + dx
-        region = frames[i, top:top + 12, left:left + 12]
-        if e.kind == "paint":
-            region[:] = COLOURS[e.colour]
-        else:
-            region[_glyph_mask(e.glyph)] = 255.0
-    frames += rng.normal(0.0, noise, size=frames.shape)
-    return np.clip(frames, 0, 255).round().astype(np.uint8)
+    def corner(slot: int) -> tuple[int, int]:
+        row, col = divmod(slot, GRID)
+        return row * BLOCK + 2, col * BLOCK + 2
+
+    return render_events(events, rng, FRAME_SIZE, corner, noise)
 
 
 def generate_video(frames: int = 128, seed: int = 0, *, paint_rate: float = 0.5,

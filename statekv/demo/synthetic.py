@@ -26,7 +26,9 @@ disjoint `SeedSequence` streams, so held-out videos never occur in training.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -153,16 +155,22 @@ def _questions(events: list[Event]) -> list[Question]:
 def render(events: list[Event], rng: np.random.Generator, size: int = FRAME_SIZE,
            noise: float = 3.0) -> np.ndarray:
     """Frames (n, size, size, 3) uint8 for a list of events."""
-    n = len(events)
-    frames = np.full((n, size, size, 3), BACKGROUND, dtype=np.float32)
     half = size // 2
+    return render_events(events, rng, size, lambda slot: ((slot // 2) * half + 2,
+                                                          (slot % 2) * half + 2), noise)
+
+
+def render_events(events: list[Any], rng: np.random.Generator, size: int,
+                  corner: Callable[[int], tuple[int, int]], noise: float = 3.0) -> np.ndarray:
+    """Frames (n, size, size, 3) uint8: each event paints its slot's 12-pixel square (whose
+    top-left pixel `corner(slot)` gives, before a pixel of jitter) or draws a glyph in it."""
+    frames = np.full((len(events), size, size, 3), BACKGROUND, dtype=np.float32)
     for i, e in enumerate(events):
         if e.kind == "empty":
             continue
         dy, dx = (int(v) for v in rng.integers(-1, 2, size=2))  # a pixel of jitter
-        top = (e.slot // 2) * half + 2 + dy
-        left = (e.slot % 2) * half + 2 + dx
-        region = frames[i, top:top + 12, left:left + 12]
+        top, left = corner(e.slot)
+        region = frames[i, top + dy:top + dy + 12, left + dx:left + dx + 12]
         if e.kind == "paint":
             region[:] = COLOURS[e.colour]
         else:
