@@ -14,7 +14,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-# Before anything imports torch: OpenMP threads that sleep rather than spin while waiting keep
+# Before anything imports torch: OpenMP threads that spin only briefly before sleeping keep
 # the chunked prefill fast when other processes share the CPU (see statekv/threads.py).
 from statekv import threads as _threads  # noqa: E402
 

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from statekv import accounting
+from statekv.threads import SerialSmallOps
 from statekv.attention import ATTENTION_NAME
 from statekv.cache import StateCache
 from statekv.models.base import ChunkInputs, PromptPieces, VideoAdapter
@@ -119,6 +120,9 @@ class _Loop:
         self.result: PrefillResult | None = None
         self.vision_flops_per_frame: float | None = None
         self.tokens_done = 0  # running total of result.chunk_tokens (no per-chunk re-summing)
+        # Small chunks (a frame or two) run their small ops on one thread: statekv.threads.
+        self.serial = SerialSmallOps(adapter.language_model)
+        self.hidden = adapter.text_config.hidden_size
 
     def run_chunk(self, chunk: ChunkInputs) -> None:
         result, cache = self.result, self.cache
@@ -127,7 +131,8 @@ class _Loop:
         mass = not layer.prefixing and accounting.mass_pass(
             cache.policy, carried, layer.pinned, chunk.tokens)
         started = time.perf_counter()
-        forward_chunk(self.adapter, cache, chunk)
+        with self.serial.chunk(chunk.tokens, self.hidden):
+            forward_chunk(self.adapter, cache, chunk)
         self.watch.add("lm_prefill_seconds", started)
         result.lm_prefill_flops += accounting.chunk_flops(
             self.shape, chunk.tokens, carried, mass, cache.policy.bidirectional_scores)
@@ -216,17 +221,21 @@ def prefill_chunks(
         "duration": duration})
     loop.cache.observe(on_carried)
     loop.cache.observe_mass(on_mass)
-    with torch.inference_mode(), fixed_rotary(adapter.language_model, loop.result.rotary_length):
-        pinning = pin_prefix or policy.pins_prefix
-        if pinning:
-            loop.cache.begin_prefix()  # a prefix to be pinned is attended to, never selected
-        loop.run_chunk(prefix)
-        if pinning:
-            loop.cache.pin(loop.result.chunk_tokens[0])
-        for frame_chunk in _timed(chunks, loop.watch):
-            _note_skipped(frame_chunk, loop.result.warnings)
-            loop.result.frame_timestamps.extend(frame_chunk.timestamps)
-            loop.run_chunk(loop.encode(frame_chunk.frames, frame_chunk.first))
+    try:
+        with torch.inference_mode(), \
+                fixed_rotary(adapter.language_model, loop.result.rotary_length):
+            pinning = pin_prefix or policy.pins_prefix
+            if pinning:
+                loop.cache.begin_prefix()  # a prefix to be pinned is attended to, never selected
+            loop.run_chunk(prefix)
+            if pinning:
+                loop.cache.pin(loop.result.chunk_tokens[0])
+            for frame_chunk in _timed(chunks, loop.watch):
+                _note_skipped(frame_chunk, loop.result.warnings)
+                loop.result.frame_timestamps.extend(frame_chunk.timestamps)
+                loop.run_chunk(loop.encode(frame_chunk.frames, frame_chunk.first))
+    finally:
+        loop.serial.close()
     loop.cache.finish_prefill()
     loop.result.adapter_state = adapter.answer_state()
     loop.result.seconds = loop.watch.seconds

@@ -13,14 +13,23 @@ applies its argument or `STATEKV_THREADS` and otherwise leaves torch as the call
 
 Why the wait policy matters. torch's CPU kernels run in OpenMP parallel regions (GNU
 libgomp in the pip wheels, which MKL's matrix products share). At the end of each region
-the threads that finished wait for the others; by default they spin for a while first. A
-chunked prefill runs many short regions (a frame of 64-256 tokens through every layer), so
-on a CPU where other processes hold cores every region waits for a descheduled thread while
-the spinning ones burn the time slices that thread needs: the loop ran 10-30x slower under
-load. `prepare_openmp` (called when `statekv` is imported) sets `OMP_WAIT_POLICY=PASSIVE`
-(threads sleep at once instead of spinning) unless the user chose a policy, which only
-works before torch is imported: libgomp reads it once, when it loads. `openmp_wait_policy()`
-tells what the running process got. This module imports torch only inside `apply`.
+the threads that finished wait for the others; by default they spin for a while first
+(300,000 rounds). A chunked prefill runs many short regions (a frame of 64-256 tokens through
+every layer), so on a CPU where other processes hold cores every region waits for a
+descheduled thread while the spinning ones burn the time slices that thread needs: the loop
+ran 10-30x slower under load. Two things fix it together:
+
+* `prepare_openmp` (called when `statekv` is imported) sets `GOMP_SPINCOUNT=10000`, a short
+  spin: a waiting thread spins about as long as the gap between two matrix products of a
+  chunk, then sleeps, unless the user chose a policy. It only works before torch is imported:
+  libgomp reads it once, when it loads. `openmp_wait_policy()` tells what the process got.
+* `SerialSmallOps` runs a small chunk's elementwise ops on one thread, so a chunk has a few
+  parallel regions per layer (its matrix products) instead of dozens.
+
+Sleeping at once (`OMP_WAIT_POLICY=PASSIVE`) is the most robust under load but costs a thread
+wake-up per region, about a fifth of the quiet speed here; spinning as by default is fastest
+quiet and several times slower under load. docs/shared-cpu.md has the measurements. This
+module imports torch only inside `apply` and `SerialSmallOps`.
 """
 
 from __future__ import annotations
@@ -39,12 +48,17 @@ _prepared: str | None = None  # what prepare_openmp found/did, for openmp_wait_p
 
 
 # OpenMP wait policy ---------------------------------------------------------------------------
+SHORT_SPIN = "10000"  # GOMP_SPINCOUNT statekv sets: rounds a waiting thread spins, then sleeps
+
+
 def prepare_openmp(environ: dict[str, str] | None = None,
                    modules: dict[str, object] | None = None) -> str:
-    """Make OpenMP threads sleep instead of spinning while they wait (before torch loads).
+    """Make OpenMP threads spin only briefly before they sleep while waiting (before torch
+    loads).
 
-    Returns what happened: "passive" (set now), "user" (the user set a wait variable: left
-    alone) or "too-late" (torch was imported first; nothing can change it in this process).
+    Returns what happened: "short-spin" (set now), "user" (the user set a wait variable:
+    left alone) or "too-late" (torch was imported first; nothing can change it in this
+    process).
     """
     global _prepared
     environ = os.environ if environ is None else environ
@@ -54,18 +68,20 @@ def prepare_openmp(environ: dict[str, str] | None = None,
     elif "torch" in modules:
         state = "too-late"
     else:
-        environ["OMP_WAIT_POLICY"] = "PASSIVE"
-        state = "passive"
+        environ["GOMP_SPINCOUNT"] = SHORT_SPIN
+        state = "short-spin"
     if environ is os.environ and _prepared is None:
         _prepared = state
     return state
 
 
 def openmp_wait_policy() -> str:
-    """The OpenMP wait policy this process runs with: "passive", or "default" (spin first),
-    or the user's own OMP_WAIT_POLICY / GOMP_SPINCOUNT setting."""
+    """The OpenMP wait policy this process runs with: "short-spin" (statekv's), "passive",
+    "default" (libgomp's long spin) or the user's own setting (e.g. "GOMP_SPINCOUNT=1000")."""
     if _prepared == "too-late":
         return "default"
+    if _prepared == "short-spin" and os.environ.get("GOMP_SPINCOUNT") == SHORT_SPIN:
+        return "short-spin"
     for name in _WAIT_CHOICES:
         if name in os.environ:
             value = os.environ[name]
@@ -223,3 +239,80 @@ def apply(threads: int) -> int:
         except RuntimeError:  # already started: torch allows setting it only once, early
             pass
     return threads
+
+
+# matrix products on every thread, the rest on one -------------------------------------------
+# A chunk of at most this many elements per hidden state (tokens x hidden size) runs its small
+# ops on one thread: measured on a 2-core CPU with passive waiting, an elementwise op on 36,864
+# floats took 5 us on one thread and 68 us on two (waking the sleeping thread costs more than
+# the work), and the two are even at about 600,000 (tools/profile_prefill.py).
+SERIAL_SMALL_OPS_ELEMENTS = 1 << 19
+
+
+class SerialSmallOps:
+    """Run a small chunk's elementwise and reduction ops on one thread and only its matrix
+    products (every `nn.Linear` of `model`) on all of them.
+
+    Each torch op over more than ~32k elements is an OpenMP parallel region; a 64-token chunk
+    through one decoder layer runs dozens of them (norms, rotary, residual adds, activation),
+    each doing microseconds of work and then waiting at a barrier for every thread. Passive
+    waiting makes each of those waits a thread wake-up, and on a shared CPU a wait for a
+    descheduled thread. With this, a chunk pays that only around its ~7 matrix products per
+    layer, where it is a few per cent of the work. Results do not depend on it (the same
+    kernels, run with fewer threads).
+
+        serial = SerialSmallOps(language_model)     # hooks on its Linear modules
+        with serial.chunk(tokens, hidden):          # one thread, Linear layers on all
+            model(...)
+        serial.close()                              # hooks removed
+    """
+
+    def __init__(self, model, threads: int | None = None) -> None:
+        import torch
+
+        self.threads = threads or torch.get_num_threads()
+        self.active = False
+        self._torch = torch
+        self._handles = []
+        if self.threads > 1:
+            for module in model.modules():
+                if isinstance(module, torch.nn.Linear):
+                    self._handles.append(module.register_forward_pre_hook(self._widen, prepend=True))
+                    self._handles.append(module.register_forward_hook(self._narrow))
+
+    def _widen(self, module, args) -> None:
+        if self.active:
+            self._torch.set_num_threads(self.threads)
+
+    def _narrow(self, module, args, output) -> None:
+        if self.active:
+            self._torch.set_num_threads(1)
+
+    def applies(self, tokens: int, hidden: int) -> bool:
+        return bool(self._handles) and tokens * hidden <= SERIAL_SMALL_OPS_ELEMENTS
+
+    def chunk(self, tokens: int, hidden: int):
+        """Context: the chunk's ops on one thread (Linear layers on all), if it is small."""
+        return _SerialChunk(self, self.applies(tokens, hidden))
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self._torch.set_num_threads(self.threads)
+
+
+class _SerialChunk:
+    def __init__(self, owner: SerialSmallOps, on: bool) -> None:
+        self.owner, self.on = owner, on
+
+    def __enter__(self):
+        if self.on:
+            self.owner.active = True
+            self.owner._torch.set_num_threads(1)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.on:
+            self.owner.active = False
+            self.owner._torch.set_num_threads(self.owner.threads)

@@ -97,21 +97,21 @@ def test_apply_sets_torch_threads():
 # the OpenMP wait policy ------------------------------------------------------------------------
 def test_wait_policy_is_set_only_before_torch_and_never_over_the_users():
     env: dict[str, str] = {}
-    assert threads.prepare_openmp(env, modules={}) == "passive"
-    assert env == {"OMP_WAIT_POLICY": "PASSIVE"}
+    assert threads.prepare_openmp(env, modules={}) == "short-spin"
+    assert env == {"GOMP_SPINCOUNT": "10000"}
     env = {"OMP_WAIT_POLICY": "ACTIVE"}
     assert threads.prepare_openmp(env, modules={}) == "user" and env["OMP_WAIT_POLICY"] == "ACTIVE"
     env = {}
     assert threads.prepare_openmp(env, modules={"torch": object()}) == "too-late" and env == {}
 
 
-def test_importing_statekv_first_makes_openmp_threads_wait_passively():
+def test_importing_statekv_first_makes_openmp_threads_spin_briefly():
     code = ("import os, statekv, torch, statekv.threads as t; "
-            "print(os.environ.get('OMP_WAIT_POLICY'), t.openmp_wait_policy())")
+            "print(os.environ.get('GOMP_SPINCOUNT'), t.openmp_wait_policy())")
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
     first = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                            check=True, cwd=os.path.dirname(os.path.dirname(__file__)))
-    assert first.stdout.split() == ["PASSIVE", "passive"]
+    assert first.stdout.split() == ["10000", "short-spin"]
     late = subprocess.run([sys.executable, "-c", "import torch; " + code], env=env,
                           capture_output=True, text=True, check=True,
                           cwd=os.path.dirname(os.path.dirname(__file__)))
@@ -194,6 +194,89 @@ def test_single_thread_prefill_gives_the_same_results():
     assert len(kept_1) == len(kept_2) > 0
     assert all(torch.equal(a, b) for a, b in zip(kept_1, kept_2))
     torch.testing.assert_close(keys_1, keys_2, rtol=1e-4, atol=1e-5)
+
+
+def _synthetic(preset: str = "bench-tiny"):
+    from statekv.models.synthetic import SyntheticAdapter, build_language_model
+
+    arch, _ = bench.resolve_architecture(preset)
+    return SyntheticAdapter(build_language_model(arch), arch.tokens_per_frame), arch
+
+
+def test_small_chunks_run_small_ops_on_one_thread_and_linear_layers_on_all():
+    """During a small chunk only nn.Linear runs with every thread; torch gets its count back."""
+    from statekv.models.synthetic import synthetic_chunks
+    from statekv.policies import make_policy
+    from statekv.prefill import prefill_chunks
+
+    adapter, arch = _synthetic()
+    seen = {"linear": set(), "norm": set()}
+    model = adapter.language_model
+    handles = [m.register_forward_pre_hook(lambda m, a, kind=kind: seen[kind].add(
+        torch.get_num_threads())) for m, kind in
+        [(m, "linear") for m in model.modules() if isinstance(m, torch.nn.Linear)]
+        + [(model.norm, "norm")]]
+    before = torch.get_num_threads()
+    threads.apply(2)
+    try:
+        prefill_chunks(adapter, synthetic_chunks(3, 1), make_policy("statekv", budget=96),
+                       frame_count=3, timestamps=())
+        assert torch.get_num_threads() == 2  # given back after the prefill
+        hooks = sum(len(m._forward_pre_hooks) for m in model.modules())
+        assert hooks == len(handles)  # statekv's hooks are gone
+    finally:
+        for h in handles:
+            h.remove()
+        torch.set_num_threads(before)
+    assert seen == {"linear": {2}, "norm": {1}}
+
+
+def test_serial_small_ops_only_for_small_chunks_and_restored_on_errors():
+    adapter, arch = _synthetic()
+    serial = threads.SerialSmallOps(adapter.language_model, threads=2)
+    try:
+        assert serial.applies(64, 576) and not serial.applies(4096, 576)
+        before = torch.get_num_threads()
+        with pytest.raises(RuntimeError, match="boom"):
+            with serial.chunk(64, 576):
+                assert torch.get_num_threads() == 1
+                raise RuntimeError("boom")
+        assert torch.get_num_threads() == 2 and not serial.active
+        with serial.chunk(4096, 576):  # a large chunk keeps every thread for every op
+            assert torch.get_num_threads() == 2
+    finally:
+        serial.close()
+        torch.set_num_threads(before)
+    assert not threads.SerialSmallOps(adapter.language_model, threads=1).applies(64, 576)
+
+
+def test_serial_small_ops_change_no_result(monkeypatch):
+    """The same prefill with the small ops on one thread and with every op on two threads."""
+    from statekv.models.synthetic import synthetic_chunks
+    from statekv.policies import make_policy
+    from statekv.prefill import prefill_chunks
+
+    adapter, _ = _synthetic()
+
+    def run(limit):
+        monkeypatch.setattr(threads, "SERIAL_SMALL_OPS_ELEMENTS", limit)
+        kept = []
+        result = prefill_chunks(adapter, synthetic_chunks(6, 1),
+                                make_policy("statekv", budget=96), frame_count=6, timestamps=(),
+                                on_carried=lambda layer, seen, pos: kept.append(pos.clone()))
+        layer = result.cache.layers[-1]
+        return kept, layer.keys[:, :, :layer.seen].clone()
+
+    before = torch.get_num_threads()
+    threads.apply(2)
+    try:
+        kept_serial, keys_serial = run(1 << 19)
+        kept_plain, keys_plain = run(0)
+    finally:
+        torch.set_num_threads(before)
+    assert len(kept_serial) == len(kept_plain) > 0
+    assert all(torch.equal(a, b) for a, b in zip(kept_serial, kept_plain))
+    torch.testing.assert_close(keys_serial, keys_plain, rtol=1e-4, atol=1e-5)
 
 
 # the load benchmark ------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.default_wait:
         import torch  # noqa: F401  (before statekv: the wait policy stays the default)
+    import statekv  # noqa: F401  (before torch otherwise: it sets the passive wait policy)
     import torch
     from torch.profiler import ProfilerActivity, profile
 
