@@ -120,8 +120,10 @@ class _Loop:
         self.result: PrefillResult | None = None
         self.vision_flops_per_frame: float | None = None
         self.tokens_done = 0  # running total of result.chunk_tokens (no per-chunk re-summing)
-        # Small chunks (a frame or two) run their small ops on one thread: statekv.threads.
-        self.serial = SerialSmallOps(adapter.language_model)
+        # On the CPU, small chunks (a frame or two) run their small ops on one thread
+        # (statekv.threads.SerialSmallOps); other devices get no hooks.
+        on_cpu = torch.device(adapter.device).type == "cpu"
+        self.serial = SerialSmallOps(adapter.language_model, None if on_cpu else 1)
         self.hidden = adapter.text_config.hidden_size
 
     def run_chunk(self, chunk: ChunkInputs) -> None:

@@ -296,6 +296,9 @@ class SerialSmallOps:
         return _SerialChunk(self, self.applies(tokens, hidden))
 
     def close(self) -> None:
+        """Remove the hooks and give torch its thread count back."""
+        if not self._handles:
+            return
         for handle in self._handles:
             handle.remove()
         self._handles = []

@@ -247,7 +247,14 @@ def test_serial_small_ops_only_for_small_chunks_and_restored_on_errors():
     finally:
         serial.close()
         torch.set_num_threads(before)
-    assert not threads.SerialSmallOps(adapter.language_model, threads=1).applies(64, 576)
+    one = threads.SerialSmallOps(adapter.language_model, threads=1)  # also: not on the CPU
+    assert not one.applies(64, 576)
+    torch.set_num_threads(2)
+    try:
+        one.close()  # nothing was hooked: the caller's thread count stays
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_serial_small_ops_change_no_result(monkeypatch):
