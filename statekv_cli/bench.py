@@ -37,7 +37,9 @@ def bench(
         "--frames", help="Comma-separated frame counts. Default: 32,64,128,256,512,1024 "
         "(--e2e: 16).")] = None,
     methods: Annotated[str, typer.Option(
-        "--methods", help=f"Comma-separated methods, from: {method_names()}.")] = "full,window,statekv",
+        "--methods", help=f"Comma-separated methods, from: {method_names()}; and transformers: "
+        "one plain transformers forward over the same tokens, with each method's speed-up "
+        "over it against their FLOP ratio (its limit).")] = "full,window,statekv",
     budget: Annotated[int | None, typer.Option(
         "--budget", help="statekv: tokens carried per layer and KV head. Default: the preset's.")] = None,
     window_frames: Annotated[int | None, typer.Option(
@@ -114,10 +116,15 @@ def bench(
     if plot:
         lib.plot(rows, plot, title=f"statekv bench: {preset}")
         err.print(f"wrote {plot}", markup=False)
+    verdicts = lib.transformers_verdicts(rows)
     if json_output:
         emit_json([r.to_dict() for r in rows])
         return
     out.print(_table(rows, lib.speedups(rows), analytic))
+    for v in verdicts:
+        out.print(f"{v['frames']} frames, {v['method']}: {v['speedup']:.2f}x transformers' "
+                  f"forward, FLOP ratio {v['flop_ratio']:.2f}x: {v['of_limit']:.0%} of the "
+                  "limit", markup=False)
 
 
 def _under_load(lib, preset, frames, methods, busy, budget, window_frames, repeats,

@@ -155,3 +155,27 @@ def test_command_errors(cli, args, code):
 def test_decode_rate_does_not_fall_with_questions_asked():
     rates = bench.decode_rates("bench-tiny", frames=64, questions=8, new_tokens=32)
     assert min(rates[-3:]) > 0.75 * max(rates[:3])
+
+
+def test_transformers_runner_in_the_lm_benchmark(cli, micro):
+    """`--methods ...,transformers`: one plain forward over the same tokens, full attention's
+    FLOPs, and each method's speed-up over it against their FLOP ratio."""
+    rows = bench.run_bench(micro, frames=[6], methods=["full", "statekv", "transformers"],
+                           budget=24, repeats=2, warmup=False, threads=1)
+    full, statekv, plain = rows
+    assert plain.method == "transformers" and plain.tokens == full.tokens
+    assert plain.lm_prefill_flops == full.lm_prefill_flops  # the same causal attention
+    assert len(plain.lm_prefill_seconds_runs) == 2 and plain.lm_prefill_seconds > 0
+    verdicts = bench.transformers_verdicts(rows)
+    assert [v["method"] for v in verdicts] == ["full", "statekv"]
+    v = verdicts[1]
+    assert v["flop_ratio"] == pytest.approx(plain.lm_prefill_flops / statekv.lm_prefill_flops)
+    assert v["speedup"] == pytest.approx(plain.lm_prefill_seconds / statekv.lm_prefill_seconds)
+    assert v["of_limit"] == pytest.approx(v["speedup"] / v["flop_ratio"])
+    table = cli("--preset", micro, "--frames", "4", "--methods", "statekv,transformers",
+                "--repeats", "1", "--threads", "1")
+    assert table.exit_code == 0, table.output
+    assert "of the limit" in table.stdout and "transformers" in table.stdout
+    for extra in (["--analytic"], ["--under-load", "1"]):
+        refused = cli("--preset", micro, "--frames", "4", "--methods", "transformers", *extra)
+        assert refused.exit_code == 2 and "transformers" in refused.output

@@ -202,11 +202,20 @@ def _run_bench(preset_or_arch, frames, methods, budget, window_frames, repeats, 
     adapter = SyntheticAdapter(model, tokens_per_frame, seed=seed)
     if warmup:  # first calls allocate and pick kernels: keep that off every row's clock
         for method in methods:
+            if method == TRANSFORMERS:
+                transformers_forward(adapter, min(4, min(frames)))
+                continue
             _run_once(adapter, _policy(method, budget, window_frames, tokens_per_frame),
                       min(4, min(frames)), chunk_frames, attention)
     rows = []
     for frame_count in frames:
         for method in methods:
+            if method == TRANSFORMERS:
+                row = _transformers_row(adapter, frame_count, repeats)
+                rows.append(row)
+                if on_row is not None:
+                    on_row(row)
+                continue
             policy = _policy(method, budget, window_frames, tokens_per_frame)
             runs = [_run_once(adapter, policy, frame_count, chunk_frames, attention)
                     for _ in range(repeats)]
@@ -218,7 +227,9 @@ def _run_bench(preset_or_arch, frames, methods, budget, window_frames, repeats, 
     return rows
 
 
-def _check(frames, methods, budget, window_frames, repeats, tokens_per_frame, chunk_frames) -> None:
+def _check(frames, methods, budget, window_frames, repeats, tokens_per_frame, chunk_frames,
+           plain: bool = True) -> None:
+    """Validate the benchmark's options; `plain`: the `transformers` runner may be listed."""
     from statekv.policies import check_method
 
     if not frames or min(frames) < 1:
@@ -226,7 +237,11 @@ def _check(frames, methods, budget, window_frames, repeats, tokens_per_frame, ch
     if not methods:
         raise UsageError("--methods needs at least one method")
     for method in methods:
-        check_method(method, option="--methods")
+        if method == TRANSFORMERS and not plain:
+            raise UsageError("--methods transformers is a measured run: not with --analytic "
+                             "or --under-load (which runs it anyway)")
+        if method != TRANSFORMERS:
+            check_method(method, option="--methods")
     for name, value in (("--budget", budget), ("--window-frames", window_frames),
                         ("--repeats", repeats), ("tokens per frame", tokens_per_frame),
                         ("--chunk-frames", chunk_frames)):
@@ -315,6 +330,43 @@ def transformers_forward(adapter: SyntheticAdapter, frame_count: int) -> float:
         model.set_attn_implementation(previous)
 
 
+def _transformers_row(adapter: SyntheticAdapter, frame_count: int, repeats: int) -> BenchRow:
+    """The LM benchmark's `transformers` row: one plain forward over the same tokens, timed
+    `repeats` times; its FLOPs are full attention's over the whole sequence."""
+    tokens = adapter.start(frame_count, (), None)
+    shape = accounting.LMShape.from_model(adapter.language_model, adapter.text_config)
+    full = accounting.chunk_flops(shape, tokens, 0, mass=False)
+    seconds, peak = [], 0
+    for _ in range(repeats):
+        gc.collect()
+        memory = accounting.PeakMemory(adapter.device)
+        with memory:
+            seconds.append(transformers_forward(adapter, frame_count))
+        peak = max(peak, memory.peak_bytes())
+    return BenchRow(frames=frame_count, method=TRANSFORMERS, budget=None, window_frames=None,
+                    tokens=tokens, lm_prefill_flops=full, full_lm_prefill_flops=full,
+                    lm_prefill_seconds=statistics.median(seconds),
+                    lm_prefill_seconds_runs=[round(x, 4) for x in seconds],
+                    peak_memory_bytes=peak)
+
+
+def transformers_verdicts(rows: Sequence[BenchRow]) -> list[dict[str, Any]]:
+    """Per (frames, method) next to a `transformers` row: the measured speed-up over the plain
+    forward, the FLOP ratio (its FLOPs over the method's: the speed-up's limit) and the share
+    of that limit reached (`of_limit`, speed-up / FLOP ratio)."""
+    plain = {r.frames: r for r in rows if r.method == TRANSFORMERS}
+    verdicts = []
+    for r in rows:
+        base = plain.get(r.frames)
+        if r.method == TRANSFORMERS or base is None or not r.lm_prefill_seconds:
+            continue
+        speedup = base.lm_prefill_seconds / r.lm_prefill_seconds
+        ratio = base.lm_prefill_flops / max(1, r.lm_prefill_flops)
+        verdicts.append({"frames": r.frames, "method": r.method, "speedup": speedup,
+                         "flop_ratio": ratio, "of_limit": speedup / ratio})
+    return verdicts
+
+
 def load_bench(
     preset_or_arch: str | Preset | Architecture = "bench-tiny",
     frames: Sequence[int] = (16,),
@@ -349,7 +401,8 @@ def load_bench(
     budget = budget or (preset.budget if preset else 4096)
     window_frames = window_frames or (preset.window_frames if preset else 16)
     tokens_per_frame = tokens_per_frame or arch.tokens_per_frame
-    _check(frames, methods, budget, window_frames, repeats, tokens_per_frame, chunk_frames)
+    _check(frames, methods, budget, window_frames, repeats, tokens_per_frame, chunk_frames,
+           plain=False)
     previous = torch.get_num_threads()
     cpu_threads.apply(count)
     try:
@@ -442,7 +495,8 @@ def analytic_bench(
     budget = budget or (preset.budget if preset else 4096)
     window_frames = window_frames or (preset.window_frames if preset else 16)
     tokens_per_frame = tokens_per_frame or arch.tokens_per_frame
-    _check(frames, methods, budget, window_frames, 1, tokens_per_frame, chunk_frames)
+    _check(frames, methods, budget, window_frames, 1, tokens_per_frame, chunk_frames,
+           plain=False)
     shape = accounting.LMShape.from_config(text_config(arch))
     parameters = preset.parameters if preset else 0
     rows = []
