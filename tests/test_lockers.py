@@ -33,6 +33,25 @@ def test_answers_and_evidence_ages_are_exact():
         assert video.frames.shape == (128, 64, 64, 3) and video.frames.dtype == np.uint8
 
 
+def test_a_probed_locker_is_painted_once_before_its_probe():
+    """The evidence is the probed locker's only paint before the probe (no older paint
+    competes), while other lockers are repainted freely."""
+    repainted = 0
+    for index in range(20):
+        video = lockers.generate_video(128, lockers.split_seed("test", index, 128))
+        for q in video.questions:
+            before = [e for e in video.events[:q.probe_frame]
+                      if e.kind == "paint" and e.slot == q.locker]
+            assert len(before) == 1 and before[0].frame == q.probe_frame - q.evidence_age
+        probed = {q.locker for q in video.questions}
+        counts = {}
+        for e in video.events:
+            if e.kind == "paint" and e.slot not in probed:
+                counts[e.slot] = counts.get(e.slot, 0) + 1
+        repainted += any(c > 1 for c in counts.values())
+    assert repainted == 20
+
+
 def test_same_seed_same_video_and_disjoint_splits():
     a, b = lockers.generate_video(64, 5), lockers.generate_video(64, 5)
     assert np.array_equal(a.frames, b.frames) and a.questions == b.questions

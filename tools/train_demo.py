@@ -163,7 +163,9 @@ def _aux_targets(video, aux: str | None, layout: Layout) -> list[list[int]]:
     """Per frame, the auxiliary targets of its tokens (-100: none).
 
     "lockers" (the lockers task): each visual token predicts the colour its locker has after
-    this frame's event (every token belongs to one locker: 2x2 tokens each);
+    this frame's event (every token belongs to one locker: 2x2 tokens each), while its locker
+    has been painted exactly once (a probed locker's state up to its probe; later the target
+    would need "the most recent paint", which a tiny model's rotary frequencies cannot tell);
     "slots": each slot's visual token (InternVL's pixel shuffle keeps the quadrants in raster
     order, one token each) predicts the colour that slot has after this frame's event;
     "frame": the frame's last token predicts the colour of the slot its event touches."""
@@ -173,13 +175,17 @@ def _aux_targets(video, aux: str | None, layout: Layout) -> list[list[int]]:
         return [[-100] * length for length in lengths]
     if aux == "lockers":
         owner = lockers.token_lockers()
-        rows = []
+        rows, paints = [], {}
         for i, colours in enumerate(lockers.locker_colours(video.events)):
+            event = video.events[i]
+            if event.kind == "paint":
+                paints[event.slot] = paints.get(event.slot, 0) + 1
             ids, target, visual = layout.frame(i), [], 0
             for token in ids:
                 locker = owner[visual] if token == layout.context_id else None
                 visual += token == layout.context_id
-                target.append(layout.answer(colours[locker]) if locker in colours else -100)
+                once = locker in colours and paints.get(locker) == 1  # one paint: no recency
+                target.append(layout.answer(colours[locker]) if once else -100)
             rows.append(target)
         return rows
     if aux == "frame":

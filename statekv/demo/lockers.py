@@ -123,9 +123,11 @@ def _plan_probes(frames: int, rng: np.random.Generator, probes: int):
 
 def _events(frames: int, rng: np.random.Generator, paint_rate: float, probes: int) -> list[Event]:
     plans, taken = _plan_probes(frames, rng, probes)
-    quiet = {}  # locker -> frames where it must not be painted (between evidence and probe)
+    # locker -> frames where it must not be painted: a probed locker is painted exactly once
+    # before its probe (the evidence), so "the colour it had" needs no notion of recency
+    quiet = {}
     for probe, locker, age, _ in plans:
-        quiet.setdefault(locker, set()).update(range(probe - age + 1, probe))
+        quiet.setdefault(locker, set()).update(f for f in range(probe) if f != probe - age)
     glyph_at = {probe: glyph for probe, _, _, glyph in plans}
     colours: dict[int, str] = {}
     events = []
