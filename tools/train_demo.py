@@ -165,7 +165,8 @@ def _aux_targets(video, aux: str | None, layout: Layout) -> list[list[int]]:
     "lockers" (the lockers task): each visual token predicts the colour its locker has after
     this frame's event (every token belongs to one locker: 2x2 tokens each), while its locker
     has been painted exactly once (a probed locker's state up to its probe; later the target
-    would need "the most recent paint", which a tiny model's rotary frequencies cannot tell);
+    would need "the most recent paint", which a tiny model's rotary frequencies tell only
+    weakly: docs/demo-task.md);
     "slots": each slot's visual token (InternVL's pixel shuffle keeps the quadrants in raster
     order, one token each) predicts the colour that slot has after this frame's event;
     "frame": the frame's last token predicts the colour of the slot its event touches."""
