@@ -179,3 +179,16 @@ def test_transformers_runner_in_the_lm_benchmark(cli, micro):
     for extra in (["--analytic"], ["--under-load", "1"]):
         refused = cli("--preset", micro, "--frames", "4", "--methods", "transformers", *extra)
         assert refused.exit_code == 2 and "transformers" in refused.output
+
+
+def test_repeats_are_interleaved_across_methods(monkeypatch, micro):
+    """Every method runs once per round, so drift on the machine moves all medians alike."""
+    order = []
+    real_run, real_plain = bench._run_once, bench._transformers_run
+    monkeypatch.setattr(bench, "_run_once", lambda adapter, policy, *a: (
+        order.append(policy.name), real_run(adapter, policy, *a))[1])
+    monkeypatch.setattr(bench, "_transformers_run", lambda *a: (
+        order.append("transformers"), real_plain(*a))[1])
+    bench.run_bench(micro, frames=[3], methods=["full", "statekv", "transformers"], budget=24,
+                    repeats=2, warmup=False, threads=1)
+    assert order == ["full", "statekv", "transformers"] * 2

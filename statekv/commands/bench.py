@@ -209,18 +209,25 @@ def _run_bench(preset_or_arch, frames, methods, budget, window_frames, repeats, 
                       min(4, min(frames)), chunk_frames, attention)
     rows = []
     for frame_count in frames:
+        # Repeats are interleaved (every method once, then again): a machine that drifts
+        # (other load, memory, clocks) then moves every method's median alike.
+        policies = {m: _policy(m, budget, window_frames, tokens_per_frame)
+                    for m in methods if m != TRANSFORMERS}
+        runs: dict[str, list] = {m: [] for m in methods}
+        for _ in range(repeats):
+            for method in methods:
+                if method == TRANSFORMERS:
+                    runs[method].append(_transformers_run(adapter, frame_count))
+                else:
+                    runs[method].append(_run_once(adapter, policies[method], frame_count,
+                                                  chunk_frames, attention))
+        tokens = PREFIX_TOKENS + frame_count * tokens_per_frame
         for method in methods:
             if method == TRANSFORMERS:
-                row = _transformers_row(adapter, frame_count, repeats)
-                rows.append(row)
-                if on_row is not None:
-                    on_row(row)
-                continue
-            policy = _policy(method, budget, window_frames, tokens_per_frame)
-            runs = [_run_once(adapter, policy, frame_count, chunk_frames, attention)
-                    for _ in range(repeats)]
-            tokens = PREFIX_TOKENS + frame_count * tokens_per_frame
-            row = _row(frame_count, tokens, method, policy, window_frames, runs)
+                row = _transformers_row(adapter, frame_count, runs[method])
+            else:
+                row = _row(frame_count, tokens, method, policies[method], window_frames,
+                           runs[method])
             rows.append(row)
             if on_row is not None:
                 on_row(row)
@@ -330,24 +337,28 @@ def transformers_forward(adapter: SyntheticAdapter, frame_count: int) -> float:
         model.set_attn_implementation(previous)
 
 
-def _transformers_row(adapter: SyntheticAdapter, frame_count: int, repeats: int) -> BenchRow:
-    """The LM benchmark's `transformers` row: one plain forward over the same tokens, timed
-    `repeats` times; its FLOPs are full attention's over the whole sequence."""
+def _transformers_run(adapter: SyntheticAdapter, frame_count: int) -> tuple[float, int]:
+    """(seconds, peak memory bytes) of one plain transformers forward."""
+    gc.collect()
+    memory = accounting.PeakMemory(adapter.device)
+    with memory:
+        seconds = transformers_forward(adapter, frame_count)
+    return seconds, memory.peak_bytes()
+
+
+def _transformers_row(adapter: SyntheticAdapter, frame_count: int,
+                      runs: list[tuple[float, int]]) -> BenchRow:
+    """The LM benchmark's `transformers` row: one plain forward over the same tokens, per
+    repeat; its FLOPs are full attention's over the whole sequence."""
     tokens = adapter.start(frame_count, (), None)
     shape = accounting.LMShape.from_model(adapter.language_model, adapter.text_config)
     full = accounting.chunk_flops(shape, tokens, 0, mass=False)
-    seconds, peak = [], 0
-    for _ in range(repeats):
-        gc.collect()
-        memory = accounting.PeakMemory(adapter.device)
-        with memory:
-            seconds.append(transformers_forward(adapter, frame_count))
-        peak = max(peak, memory.peak_bytes())
+    seconds = [run[0] for run in runs]
     return BenchRow(frames=frame_count, method=TRANSFORMERS, budget=None, window_frames=None,
                     tokens=tokens, lm_prefill_flops=full, full_lm_prefill_flops=full,
                     lm_prefill_seconds=statistics.median(seconds),
                     lm_prefill_seconds_runs=[round(x, 4) for x in seconds],
-                    peak_memory_bytes=peak)
+                    peak_memory_bytes=max(run[1] for run in runs))
 
 
 def transformers_verdicts(rows: Sequence[BenchRow]) -> list[dict[str, Any]]:
