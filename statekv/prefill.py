@@ -120,10 +120,7 @@ class _Loop:
         self.result: PrefillResult | None = None
         self.vision_flops_per_frame: float | None = None
         self.tokens_done = 0  # running total of result.chunk_tokens (no per-chunk re-summing)
-        # On the CPU, small chunks (a frame or two) run their small ops on one thread
-        # (statekv.threads.SerialSmallOps); other devices get no hooks.
-        on_cpu = torch.device(adapter.device).type == "cpu"
-        self.serial = SerialSmallOps(adapter.language_model, None if on_cpu else 1)
+        self.serial: SerialSmallOps | None = None  # set for the chunk loop (prefill_chunks)
         self.hidden = adapter.text_config.hidden_size
 
     def run_chunk(self, chunk: ChunkInputs) -> None:
@@ -223,6 +220,11 @@ def prefill_chunks(
         "duration": duration})
     loop.cache.observe(on_carried)
     loop.cache.observe_mass(on_mass)
+    # On the CPU, small chunks (a frame or two) run their small ops on one thread
+    # (statekv.threads.SerialSmallOps: hooks on the Linear layers, removed below); other
+    # devices get no hooks.
+    on_cpu = torch.device(adapter.device).type == "cpu"
+    loop.serial = SerialSmallOps(adapter.language_model, None if on_cpu else 1)
     try:
         with torch.inference_mode(), \
                 fixed_rotary(adapter.language_model, loop.result.rotary_length):
