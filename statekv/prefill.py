@@ -16,12 +16,12 @@ import numpy as np
 import torch
 
 from statekv import accounting
-from statekv.threads import SerialSmallOps
 from statekv.attention import ATTENTION_NAME
 from statekv.cache import StateCache
 from statekv.models.base import ChunkInputs, PromptPieces, VideoAdapter
 from statekv.policies import Policy
 from statekv.rotary import fixed_rotary
+from statekv.threads import SerialSmallOps
 from statekv.units import fraction, remaining
 
 # transformers builds no mask when handed a prepared mapping; our attention applies causality.

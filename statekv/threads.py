@@ -27,7 +27,7 @@ ran 10-30x slower under load. Two things fix it together:
   parallel regions per layer (its matrix products) instead of dozens.
 
 Sleeping at once (`OMP_WAIT_POLICY=PASSIVE`) is the most robust under load but costs a thread
-wake-up per region, about a fifth of the quiet speed here; spinning as by default is fastest
+wake-up per region (quiet prefills 12-25% slower in our runs); spinning as by default is fastest
 quiet and several times slower under load. docs/shared-cpu.md has the measurements. This
 module imports torch only inside `apply` and `SerialSmallOps`.
 """
