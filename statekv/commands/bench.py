@@ -224,7 +224,7 @@ def _run_bench(preset_or_arch, frames, methods, budget, window_frames, repeats, 
         tokens = PREFIX_TOKENS + frame_count * tokens_per_frame
         for method in methods:
             if method == TRANSFORMERS:
-                row = _transformers_row(adapter, frame_count, runs[method])
+                row = _transformers_row(adapter, frame_count, tokens, runs[method])
             else:
                 row = _row(frame_count, tokens, method, policies[method], window_frames,
                            runs[method])
@@ -346,11 +346,10 @@ def _transformers_run(adapter: SyntheticAdapter, frame_count: int) -> tuple[floa
     return seconds, memory.peak_bytes()
 
 
-def _transformers_row(adapter: SyntheticAdapter, frame_count: int,
+def _transformers_row(adapter: SyntheticAdapter, frame_count: int, tokens: int,
                       runs: list[tuple[float, int]]) -> BenchRow:
     """The LM benchmark's `transformers` row: one plain forward over the same tokens, per
     repeat; its FLOPs are full attention's over the whole sequence."""
-    tokens = adapter.start(frame_count, (), None)
     shape = accounting.LMShape.from_model(adapter.language_model, adapter.text_config)
     full = accounting.chunk_flops(shape, tokens, 0, mass=False)
     seconds = [run[0] for run in runs]
