@@ -116,12 +116,11 @@ def bench(
     if plot:
         lib.plot(rows, plot, title=f"statekv bench: {preset}")
         err.print(f"wrote {plot}", markup=False)
-    verdicts = lib.transformers_verdicts(rows)
     if json_output:
         emit_json([r.to_dict() for r in rows])
         return
     out.print(_table(rows, lib.speedups(rows), analytic))
-    for v in verdicts:
+    for v in lib.transformers_verdicts(rows):
         out.print(f"{v['frames']} frames, {v['method']}: {v['speedup']:.2f}x transformers' "
                   f"forward, FLOP ratio {v['flop_ratio']:.2f}x: {v['of_limit']:.0%} of the "
                   "limit", markup=False)

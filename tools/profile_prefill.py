@@ -5,7 +5,7 @@
 
 Prints the wall time, the number of torch ops per layer and chunk, and the ops by self CPU
 time. `--default-wait` imports torch before statekv, so libgomp keeps its default (spinning)
-wait policy: the state before statekv set OMP_WAIT_POLICY=PASSIVE. Under load the default
+wait policy: the state before statekv set its own wait policy. Under load the default
 policy shows every small op (mul, add, pow, copy_) taking milliseconds instead of microseconds.
 """
 
@@ -29,7 +29,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.default_wait:
         import torch  # noqa: F401  (before statekv: the wait policy stays the default)
-    import statekv  # noqa: F401  (before torch otherwise: it sets the passive wait policy)
+    import statekv  # noqa: F401  (before torch otherwise: it sets statekv's wait policy)
     import torch
     from torch.profiler import ProfilerActivity, profile
 
