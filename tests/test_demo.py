@@ -239,3 +239,18 @@ def test_dtype_agreement_counts_every_question():
     for record in same.values():  # float32 against itself: every answer agrees
         assert record["agreement"] == 1.0 and record["questions"] > 0
         assert 0.0 <= record["accuracy_float32"] <= 1.0
+
+
+def test_lockers_training_defaults_give_heads_of_32(tmp_path):
+    # The lockers model's architecture (docs/demo-task.md): two heads of 32, so the rotary
+    # embedding keeps enough slowly turning pairs to match a locker at any distance.
+    import json as _json
+
+    train_demo = _train_module()
+    assert train_demo.TASK_DEFAULTS["lockers"]["heads"] == 2
+    summary = train_demo.train(tmp_path / "m", steps=2, batch=1, lr=1e-3, eval_videos=0,
+                               log=lambda s: None, task="lockers", curriculum=((1.0, 8),))
+    config = _json.loads((tmp_path / "m" / "config.json").read_text())["text_config"]
+    assert config["num_attention_heads"] == 2
+    assert config["hidden_size"] // config["num_attention_heads"] == 32
+    assert summary["arch"]["image_size"] == 64 and summary["steps_done"] == 2
