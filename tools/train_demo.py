@@ -62,7 +62,8 @@ TASKS = {"slots": synthetic, "lockers": lockers}
 # two heads of 32: with head size 16 only about three of the eight rotary frequency pairs turn
 # slowly enough over a few thousand tokens to match content (a locker) at any distance, and the
 # model never learned the look-back; at 32 (six slow pairs) it does (docs/demo-task.md)
-LOCKERS_ARCH = {"image_size": 64, "patch_size": 4, "heads": 2}  # kv_heads: ARCH's 2
+LOCKERS_ARCH = {"image_size": 64, "patch_size": 4, "heads": 2,  # kv_heads: ARCH's 2
+                "max_positions": 16384}  # 128-frame videos are ~9,300 positions
 LOCKERS_CURRICULUM = ((0.3, 8), (0.55, 16), (0.85, 32), (1.0, 64))
 # command-line defaults per task (the shipped checkpoints' settings)
 TASK_DEFAULTS = {
@@ -412,6 +413,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hidden", type=int, default=ARCH["hidden"])
     parser.add_argument("--layers", type=int, default=ARCH["text_layers"])
     parser.add_argument("--heads", type=int, default=None, help="default: 4 (slots), 2 (lockers)")
+    parser.add_argument("--rope-theta", type=float, default=None,
+                        help="the language model's rotary base (default: 1e6, as Qwen2)")
     parser.add_argument("--curriculum", default=None,
                         help="frames:until-fraction pairs, e.g. 8:0.3,16:0.6,32:1.0")
     args = parser.parse_args(argv)
@@ -427,7 +430,8 @@ def main(argv: list[str] | None = None) -> int:
           threads=args.threads, log=lambda s: print(s, flush=True), aux_weight=args.aux_weight,
           curriculum=curriculum, aux=aux, eval_every=args.eval_every,
           arch={"hidden": args.hidden, "text_layers": args.layers, "heads": args.heads,
-                "kv_heads": min(ARCH["kv_heads"], args.heads)},
+                "kv_heads": min(ARCH["kv_heads"], args.heads),
+                **({"rope_theta": args.rope_theta} if args.rope_theta else {})},
           task=args.task, eval_frames=args.eval_frames,
           max_cpu_seconds=args.max_cpu_minutes * 60 if args.max_cpu_minutes else None,
           max_wall_seconds=args.max_wall_minutes * 60 if args.max_wall_minutes else None)
