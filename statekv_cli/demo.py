@@ -16,43 +16,60 @@ from statekv.units import format_flops as flops, format_fraction
 
 DemoMethod = Annotated[str, typer.Option(
     "--method", help=f"One of {method_names()} (isolated: the floor).")]
-DemoBudget = Annotated[int, typer.Option(
-    "--budget", help="statekv: tokens carried per layer and KV head (a frame is about 11 tokens).")]
 DemoWindow = Annotated[int, typer.Option(
     "--window-frames", help="window: how many recent frames a chunk sees.")]
 
 
 @handle_errors
 def demo(
-    frames: Annotated[int, typer.Option("--frames", help="Length of the synthetic video (the model was trained on 32).")] = 32,
-    seed: Seed = 0, method: DemoMethod = "statekv", budget: DemoBudget = 64,
+    frames: Annotated[int | None, typer.Option(
+        "--frames", help="Length of the generated video. Default: 32 (slots, the model was "
+        "trained on 32), 64 (lockers).")] = None,
+    seed: Seed = 0, method: DemoMethod = "statekv",
+    budget: Annotated[int | None, typer.Option(
+        "--budget", help="statekv: tokens carried per layer and KV head. Default: 64 "
+        "(slots: a frame is about 11 tokens), 1168 (lockers: 16 frames of 73 tokens, a quarter "
+        "of a 64-frame video).")] = None,
     window_frames: DemoWindow = 16, pin_prefix: PinPrefix = False, device: Device = "cpu",
     threads: Threads = None,
     events: Annotated[bool, typer.Option("--events", help="Also list what happens in the video.")] = False,
     json_output: Json = False, quiet: Quiet = False, debug: Debug = False,
     task: Annotated[str, typer.Option(
-        "--task", help="slots (the shipped demo model) or lockers (64 visual tokens a frame, "
-        "questions with evidence ages; needs --model, see docs/demo-task.md).")] = "slots",
+        "--task", help="slots (the shipped demo model: 4 slots, 4 visual tokens a frame) or "
+        "lockers (64 visual tokens a frame, questions whose evidence is 1 to 100+ frames old; "
+        "needs --model, see docs/demo-task.md).")] = "slots",
     model: Annotated[str | None, typer.Option(
-        "--model", help="lockers: the checkpoint directory (tools/train_demo.py --task lockers).")] = None,
+        "--model", help="lockers: the checkpoint directory (tools/train_demo.py --task "
+        "lockers).")] = None,
 ) -> None:
     """Answer questions about a generated video with the shipped demo model (no download).
 
-    The video: four screen slots get painted colours; glyphs (box, cup, hat, ball, tree, sun)
-    appear in a slot. "hat color?" asks the slot's colour when the hat appeared.
+    slots (the default): four screen slots get painted colours; glyphs (box, cup, hat, ball,
+    tree, sun) appear in a slot. "hat color?" asks the slot's colour when the hat appeared.
+
+    lockers: the same questions on a 4x4 grid of lockers, one event a frame, and per answer
+    the evidence age (how many frames before the glyph the colour was shown) and full
+    attention's answer on the same video.
 
     Example: statekv demo --frames 32 --method statekv --budget 32
 
-    Example: statekv demo --task lockers --model lockers-ckpt --frames 128 --budget 1168 --json
+    Example: statekv demo --task lockers --model lockers-ckpt --frames 64 --method window --json
     """
     from statekv.demo.evaluation import load_demo, run_demo
 
     if task == "lockers":
         from statekv_cli.lockers import demo_lockers
 
-        return demo_lockers(model, device, frames, seed, method, budget, window_frames,
-                            pin_prefix, events, json_output)
+        return demo_lockers(model, device, 64 if frames is None else frames, seed, method,
+                            1168 if budget is None else budget, window_frames, pin_prefix,
+                            events, json_output, threads, quiet)
     _check_task(task)
+    if model:
+        from statekv.errors import UsageError
+
+        raise UsageError("--model is for --task lockers; the slots demo uses its shipped model")
+    frames = 32 if frames is None else frames
+    budget = 64 if budget is None else budget
 
     result = run_demo(frames, seed, method, budget, window_frames, pin_prefix,
                       model=load_demo(device, threads))
@@ -108,16 +125,20 @@ def _ints(text: str, name: str) -> list[int]:
                       "chunk_frames", "dtype", "attention", "pin_prefix", "trust_remote_code",
                       "force")
 def eval_(
-    lengths: Annotated[str, typer.Option(
-        "--lengths", help="Video lengths in frames, comma-separated (the model was trained "
-        "on 32).")] = "32",
-    budgets: Annotated[str, typer.Option(
+    lengths: Annotated[str | None, typer.Option(
+        "--lengths", help="Video lengths in frames, comma-separated; lockers takes one. Default: "
+        "32 (slots, the model was trained on 32), 128 (lockers).")] = None,
+    budgets: Annotated[str | None, typer.Option(
         "--budgets", help="Carried tokens for window, statekv and random, comma-separated "
-        "(window gets the same number of tokens; a frame is about 11).")] = "32,64,128",
-    videos: Annotated[int, typer.Option("--videos", help="Held-out test videos per length.")] = 16,
+        "(window gets the same number of tokens). Default: 32,64,128 (slots: a frame is about "
+        "11), 292,1168,2304 (lockers: 4 and 16 frames of 73 tokens, and a quarter of a "
+        "128-frame video).")] = None,
+    videos: Annotated[int | None, typer.Option(
+        "--videos", help="Held-out test videos per length. Default: 16.")] = None,
     methods: Annotated[str | None, typer.Option(
-        "--methods", help="Among full, isolated, window, statekv, random (full always runs). "
-        "Default: all five; with --benchmark full,window,statekv.")] = None,
+        "--methods", help="slots: among full, isolated, window, statekv, random (default: all "
+        "five); lockers: those and statekv-bidir, statekv-decay (default: all); with "
+        "--benchmark: default full,window,statekv. full always runs.")] = None,
     pin: Annotated[str, typer.Option("--pin", help="Pin the text prefix: off, on or both.")] = "both",
     csv_path: Annotated[str | None, typer.Option("--csv", help="Write the table as CSV here.")] = None,
     plot_path: Annotated[str | None, typer.Option(
@@ -171,7 +192,7 @@ def eval_(
 
     Example: statekv eval --report videomme.jsonl
 
-    Example: statekv eval --task lockers --model lockers-ckpt --lengths 128 --budgets 1168,2336 --json
+    Example: statekv eval --task lockers --model lockers-ckpt --lengths 128 --budgets 1168,2304 --json
     """
     if report_path:
         from statekv_cli import benchmark as rendering
@@ -193,10 +214,15 @@ def eval_(
         from statekv_cli.lockers import eval_lockers
 
         chosen = [m.strip() for m in methods.split(",") if m.strip()] if methods else list(AGE_METHODS)
-        return eval_lockers(options.model, device or "cpu", _ints(lengths, "--lengths")[0],
-                            _ints(budgets, "--budgets"), videos, chosen, seed, csv_path,
-                            plot_path, json_output, quiet)
+        frames = _ints(lengths or "128", "--lengths")
+        if len(frames) > 1:
+            raise typer.BadParameter("--task lockers takes one length (--lengths 128)")
+        return eval_lockers(options.model, device or "cpu", frames[0],
+                            _ints(budgets or "292,1168,2304", "--budgets"), 16 if videos is None else videos, chosen,
+                            seed, csv_path, plot_path, json_output, quiet, threads)
     _check_task(task)
+    lengths, budgets = lengths or "32", budgets or "32,64,128"
+    videos = 16 if videos is None else videos
     methods = methods or "full,isolated,window,statekv,random"
     progress = None if quiet or json_output else (lambda msg: err.print(msg, markup=False))
     report = run_eval(_ints(lengths, "--lengths"), _ints(budgets, "--budgets"), videos, pin,

@@ -8,28 +8,32 @@ from __future__ import annotations
 
 from rich.table import Table
 
+from statekv.units import format_flops as flops, format_fraction
 from statekv_cli.options import emit_json, err, out
 
 
-def load_lockers_model(model: str | None, device: str):
-    """The lockers checkpoint: `--model DIR` (e.g. trained by tools/train_demo.py --task lockers)."""
+def load_lockers_model(model: str | None, device: str, threads: int | str | None = None):
+    """The lockers checkpoint: `--model DIR` (e.g. trained by tools/train_demo.py --task
+    lockers), float32, with `threads` as the command line resolves them."""
+    from statekv import threads as cpu_threads
     from statekv.errors import UsageError
     from statekv.session import load
 
     if not model:
         raise UsageError("--task lockers needs --model DIR: no lockers model ships with statekv "
                          "yet; train one with: python tools/train_demo.py --task lockers --out DIR")
-    return load(model, device=device, dtype="float32")
+    return load(model, device=device, dtype="float32", threads=cpu_threads.resolve(threads))
 
 
 def eval_lockers(model: str | None, device: str, frames: int, budgets: list[int], videos: int,
                  methods: list[str], seed: int, csv_path: str | None, plot_path: str | None,
-                 json_output: bool, quiet: bool) -> None:
+                 json_output: bool, quiet: bool, threads: int | str | None = None) -> None:
     from statekv.demo.age_eval import plot_age, run_age_eval, write_age_csv
 
     progress = None if quiet or json_output else (lambda msg: err.print(msg, markup=False))
-    report = run_age_eval(load_lockers_model(model, device), frames=frames, budgets=budgets,
-                          videos=videos, methods=methods, seed=seed, model_name=model or "",
+    report = run_age_eval(load_lockers_model(model, device, threads), frames=frames,
+                          budgets=budgets, videos=videos, methods=methods, seed=seed,
+                          model_name=model or "",
                           on_progress=progress)
     if csv_path:
         write_age_csv(report, csv_path)
@@ -64,10 +68,10 @@ def age_table(report) -> Table:
 
 def demo_lockers(model: str | None, device: str, frames: int, seed: int, method: str,
                  budget: int, window_frames: int, pin_prefix: bool, events: bool,
-                 json_output: bool) -> None:
+                 json_output: bool, threads: int | str | None = None, quiet: bool = False) -> None:
     from statekv.demo.age_eval import run_lockers_demo
 
-    result = run_lockers_demo(load_lockers_model(model, device), frames, seed, method, budget,
+    result = run_lockers_demo(load_lockers_model(model, device, threads), frames, seed, method, budget,
                               window_frames, pin_prefix)
     if json_output:
         emit_json(result.to_dict())
@@ -75,7 +79,10 @@ def demo_lockers(model: str | None, device: str, frames: int, seed: int, method:
     if events:
         for line in result.events:
             out.print(line, markup=False)
-    table = Table(title=f"lockers video seed {seed}, {frames} frames, {method}")
+    setting = {"statekv": f" budget {result.budget}", "random": f" budget {result.budget}",
+               "window": f" {result.window_frames} frames"}
+    table = Table(title=f"lockers video seed {seed}, {frames} frames, "
+                        f"{method}{setting.get(method, '')}")
     for column in ("question", "evidence age", "truth", method, "full", ""):
         table.add_column(column)
     for a in result.answers:
@@ -83,4 +90,10 @@ def demo_lockers(model: str | None, device: str, frames: int, seed: int, method:
                       "ok" if a.correct else "WRONG")
     out.print(table)
     out.print(f"{sum(a.correct for a in result.answers)}/{len(result.answers)} correct (full "
-              f"attention: {result.full_correct}/{len(result.answers)})", markup=False)
+              f"attention on the same video: {result.full_correct}/{len(result.answers)})", markup=False)
+    if not quiet:
+        s = result.stats
+        err.print(f"LM prefill {flops(s['lm_prefill_flops'])} ({format_fraction(s['lm_flops_fraction'])}"
+                  f" of full attention's), carried {s['carried_tokens']} / detailed "
+                  f"{s['detailed_tokens']} tokens", markup=False)
+

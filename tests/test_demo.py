@@ -172,20 +172,23 @@ def test_shipped_weights_accuracy_and_isolated_floor(demo_model):
 def test_demo_command_prints_answers_beside_the_truth():
     from statekv_cli.app import app
 
-    result = CliRunner().invoke(app, ["demo", "--frames", "32", "--seed", "3", "--method", "full"])
+    result = CliRunner().invoke(app, ["demo", "--task", "slots", "--frames", "32", "--seed", "3",
+                                      "--method", "full"])
     assert result.exit_code == 0, result.output
     video = synthetic.generate_video(32, 3)
     for q in video.questions:
         assert q.text in result.output
     assert "truth" in result.output and "correct" in result.output
 
-    result = CliRunner().invoke(app, ["demo", "--frames", "32", "--json", "--budget", "16"])
+    result = CliRunner().invoke(app, ["demo", "--task", "slots", "--frames", "32", "--json",
+                                      "--budget", "16"])
     assert result.exit_code == 0, result.output
     record = json.loads(result.stdout)
     assert record["method"] == "statekv" and record["budget"] == 16
     assert {"question", "answer", "truth", "correct"} <= set(record["answers"][0])
     # beside every other method's answers: how full attention does on the same video
-    result = CliRunner().invoke(app, ["demo", "--frames", "32", "--json", "--method", "full"])
+    result = CliRunner().invoke(app, ["demo", "--task", "slots", "--frames", "32", "--json",
+                                      "--method", "full"])
     full = json.loads(result.stdout)
     assert full["full_correct"] is None
     assert record["full_correct"] == sum(a["correct"] for a in full["answers"])
@@ -196,8 +199,9 @@ def test_eval_command_writes_table_and_csv(tmp_path):
 
     path = tmp_path / "eval.csv"
     plot = tmp_path / "eval.png"
-    result = CliRunner().invoke(app, ["eval", "--lengths", "16", "--budgets", "16", "--videos", "2",
-                                      "--pin", "off", "--csv", str(path), "--plot", str(plot)])
+    result = CliRunner().invoke(app, ["eval", "--task", "slots", "--lengths", "16", "--budgets", "16",
+                                      "--videos", "2", "--pin", "off", "--csv", str(path),
+                                      "--plot", str(plot)])
     assert result.exit_code == 0, result.output
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert result.output.index("isolated floor") < result.output.index("statekv@16")

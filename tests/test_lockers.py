@@ -147,14 +147,18 @@ def test_demo_json_adds_evidence_age_only_for_lockers(lockers_model):
     runner = CliRunner()
     path, _ = lockers_model
     result = runner.invoke(app, ["demo", "--task", "lockers", "--model", path, "--frames", "12",
-                                 "--budget", "146", "--json"])
+                                 "--budget", "146", "--json", "--threads", "1"])
     assert result.exit_code == 0, result.output
     record = json.loads(result.stdout)
+    assert record["settings"]["threads"] == 1  # --threads reaches the lockers model too
+    two = runner.invoke(app, ["demo", "--task", "lockers", "--model", path, "--frames", "12",
+                              "--budget", "146", "--json", "--threads", "2"])
+    assert json.loads(two.stdout)["settings"]["threads"] == 2
     video = lockers.generate_video(12, 0)
     assert [a["evidence_age"] for a in record["answers"]] == [q.evidence_age for q in video.questions]
     assert [a["truth"] for a in record["answers"]] == [q.answer for q in video.questions]
     assert all("full_answer" in a and "answer" in a for a in record["answers"])
-    slots = runner.invoke(app, ["demo", "--frames", "8", "--json"])
+    slots = runner.invoke(app, ["demo", "--task", "slots", "--frames", "8", "--json"])
     assert slots.exit_code == 0, slots.output
     assert all("evidence_age" not in a for a in json.loads(slots.stdout)["answers"])
 
@@ -165,6 +169,10 @@ def test_option_validation():
 
     runner = CliRunner()
     result = runner.invoke(app, ["eval", "--task", "lockers"])
+    assert result.exit_code == 2 and "--model" in result.output
+    result = runner.invoke(app, ["eval", "--task", "lockers", "--lengths", "64,128"])
+    assert result.exit_code == 2 and "one length" in result.output
+    result = runner.invoke(app, ["demo", "--task", "slots", "--model", "x"])
     assert result.exit_code == 2 and "--model" in result.output
     result = runner.invoke(app, ["eval", "--task", "nope"])
     assert result.exit_code == 2 and "--task" in result.output
