@@ -26,6 +26,8 @@ them through their log-sum-exps, so no (queries x keys) mask is ever built or re
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
@@ -300,8 +302,12 @@ def statekv_attention(module, query, key, value, attention_mask, scaling=None, d
     layer = cache.layers[module.layer_idx]
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     observed = layer.mass_observer is not None and not layer.answering
-    out, mass = attend(query, key, value, scale, layer.wants_mass or observed, cache.attention,
-                       causal_mass=not (layer.wants_mass and cache.policy.bidirectional_scores))
+    serial = getattr(cache, "serial", None)
+    scores = query.shape[1] * query.shape[2] * key.shape[2]
+    with serial.attention(scores) if serial is not None else nullcontext():
+        out, mass = attend(query, key, value, scale, layer.wants_mass or observed,
+                           cache.attention,
+                           causal_mass=not (layer.wants_mass and cache.policy.bidirectional_scores))
     if observed:
         layer.mass_observer(layer.index, layer.seen - query.shape[-2], mass)
     if mass is not None and layer.wants_mass:

@@ -264,6 +264,9 @@ class StateCache(Cache):
         self.policy = policy
         self.attention = attention
         self.video_tokens = 0
+        # the prefill's statekv.threads.SerialSmallOps while it runs (None otherwise): large
+        # attention calls of small chunks get every thread back (its `attention` context)
+        self.serial = None
 
     def observe(self, observer: Callable[[int, int, torch.Tensor], None] | None) -> None:
         """Call `observer(layer, tokens_seen, kept_positions)` whenever a layer keeps its

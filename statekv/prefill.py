@@ -225,6 +225,7 @@ def prefill_chunks(
     # devices get no hooks.
     on_cpu = torch.device(adapter.device).type == "cpu"
     loop.serial = SerialSmallOps(adapter.language_model, None if on_cpu else 1)
+    loop.cache.serial = loop.serial
     try:
         with torch.inference_mode(), \
                 fixed_rotary(adapter.language_model, loop.result.rotary_length):
@@ -240,6 +241,7 @@ def prefill_chunks(
                 loop.run_chunk(loop.encode(frame_chunk.frames, frame_chunk.first))
     finally:
         loop.serial.close()
+        loop.cache.serial = None
     loop.cache.finish_prefill()
     loop.result.adapter_state = adapter.answer_state()
     loop.result.seconds = loop.watch.seconds

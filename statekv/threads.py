@@ -34,6 +34,8 @@ module imports torch only inside `apply` and `SerialSmallOps`.
 
 from __future__ import annotations
 
+import contextlib
+
 import math
 import os
 import sys
@@ -247,6 +249,12 @@ def apply(threads: int) -> int:
 # floats took 5 us on one thread and 68 us on two (waking the sleeping thread costs more than
 # the work), and the two are even at about 600,000 (tools/profile_prefill.py).
 SERIAL_SMALL_OPS_ELEMENTS = 1 << 19
+# An attention call of a small chunk with at least this many scores (query heads x queries x
+# keys) runs on every thread even inside a serial chunk: a 64-token chunk against a carried
+# state of 1,024 keys is ~0.6M scores and ~0.2 GFLOP, where one thread left ~30% of the
+# chunk's time single-threaded (`tools/profile_prefill.py`: softmax, baddbmm and bmm of the
+# mass pass). 0 keeps attention on one thread as before.
+WIDE_ATTENTION_SCORES = 1 << 17
 
 
 class SerialSmallOps:
@@ -291,6 +299,12 @@ class SerialSmallOps:
     def applies(self, tokens: int, hidden: int) -> bool:
         return bool(self._handles) and tokens * hidden <= SERIAL_SMALL_OPS_ELEMENTS
 
+    def attention(self, scores: int):
+        """Context around one attention call of `scores` score entries: every thread when the
+        call is large (WIDE_ATTENTION_SCORES) and a serial chunk is running, else unchanged."""
+        wide = self.active and 0 < WIDE_ATTENTION_SCORES <= scores
+        return _Widened(self._torch, self.threads) if wide else contextlib.nullcontext()
+
     def chunk(self, tokens: int, hidden: int):
         """Context: the chunk's ops on one thread (Linear layers on all), if it is small."""
         return _SerialChunk(self, self.applies(tokens, hidden))
@@ -303,6 +317,18 @@ class SerialSmallOps:
             handle.remove()
         self._handles = []
         self._torch.set_num_threads(self.threads)
+
+
+class _Widened:
+    def __init__(self, torch_module, threads: int) -> None:
+        self.torch, self.threads = torch_module, threads
+
+    def __enter__(self):
+        self.torch.set_num_threads(self.threads)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.torch.set_num_threads(1)
 
 
 class _SerialChunk:

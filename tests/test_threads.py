@@ -286,6 +286,52 @@ def test_serial_small_ops_change_no_result(monkeypatch):
     torch.testing.assert_close(keys_serial, keys_plain, rtol=1e-4, atol=1e-5)
 
 
+
+def test_large_attention_of_a_small_chunk_runs_on_every_thread(monkeypatch):
+    """Inside a serial chunk an attention call of at least WIDE_ATTENTION_SCORES scores gets
+    every thread; smaller ones stay on one; the selection is the same either way."""
+    from statekv import attention
+    from statekv.models.synthetic import synthetic_chunks
+    from statekv.policies import make_policy
+    from statekv.prefill import prefill_chunks
+
+    adapter, _ = _synthetic()
+    calls = []
+    plain = attention.attend
+
+    def watched(query, key, *args, **kwargs):
+        calls.append((query.shape[1] * query.shape[2] * key.shape[2], torch.get_num_threads()))
+        return plain(query, key, *args, **kwargs)
+
+    monkeypatch.setattr(attention, "attend", watched)
+
+    def run(limit):
+        monkeypatch.setattr(threads, "WIDE_ATTENTION_SCORES", limit)
+        calls.clear()
+        kept = []
+        result = prefill_chunks(adapter, synthetic_chunks(6, 1),
+                                make_policy("statekv", budget=96), frame_count=6, timestamps=(),
+                                on_carried=lambda layer, seen, pos: kept.append(pos.clone()))
+        layer = result.cache.layers[-1]
+        return list(calls), kept, layer.keys[:, :, :layer.seen].clone()
+
+    before = torch.get_num_threads()
+    threads.apply(2)
+    try:
+        sizes = sorted({scores for scores, _ in run(0)[0]})
+        limit = sizes[len(sizes) // 2]  # some calls above the limit, some below
+        wide_calls, kept_wide, keys_wide = run(limit)
+        narrow_calls, kept_narrow, keys_narrow = run(0)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert {n for scores, n in wide_calls if scores >= limit} == {2}
+    assert {n for scores, n in wide_calls if scores < limit} == {1}
+    assert {n for _, n in narrow_calls} == {1}  # 0: attention stays on one thread
+    assert len(kept_wide) == len(kept_narrow) > 0
+    assert all(torch.equal(a, b) for a, b in zip(kept_wide, kept_narrow))
+    torch.testing.assert_close(keys_wide, keys_narrow, rtol=1e-4, atol=1e-5)
+
 # the load benchmark ------------------------------------------------------------------------------
 def _alive(pid: int) -> bool:
     try:

@@ -413,6 +413,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hidden", type=int, default=ARCH["hidden"])
     parser.add_argument("--layers", type=int, default=ARCH["text_layers"])
     parser.add_argument("--heads", type=int, default=None, help="default: 4 (slots), 2 (lockers)")
+    parser.add_argument("--vision-layers", type=int, default=None,
+                        help="layers of the tiny vision tower (default: 1)")
     parser.add_argument("--rope-theta", type=float, default=None,
                         help="the language model's rotary base (default: 1e6, as Qwen2)")
     parser.add_argument("--curriculum", default=None,
@@ -431,7 +433,8 @@ def main(argv: list[str] | None = None) -> int:
           curriculum=curriculum, aux=aux, eval_every=args.eval_every,
           arch={"hidden": args.hidden, "text_layers": args.layers, "heads": args.heads,
                 "kv_heads": min(ARCH["kv_heads"], args.heads),
-                **({"rope_theta": args.rope_theta} if args.rope_theta else {})},
+                **({"rope_theta": args.rope_theta} if args.rope_theta else {}),
+                **({"vision_layers": args.vision_layers} if args.vision_layers else {})},
           task=args.task, eval_frames=args.eval_frames,
           max_cpu_seconds=args.max_cpu_minutes * 60 if args.max_cpu_minutes else None,
           max_wall_seconds=args.max_wall_minutes * 60 if args.max_wall_minutes else None)
