@@ -58,11 +58,12 @@ def demo(
     from statekv.demo.evaluation import load_demo, run_demo
 
     if task == "lockers":
+        from statekv.demo.age_eval import DEMO_BUDGET, DEMO_FRAMES
         from statekv_cli.lockers import demo_lockers
 
-        return demo_lockers(model, device, 64 if frames is None else frames, seed, method,
-                            1168 if budget is None else budget, window_frames, pin_prefix,
-                            events, json_output, threads, quiet)
+        return demo_lockers(model, device, DEMO_FRAMES if frames is None else frames, seed,
+                            method, DEMO_BUDGET if budget is None else budget, window_frames,
+                            pin_prefix, events, json_output, threads, quiet)
     _check_task(task)
     if model:
         from statekv.errors import UsageError
@@ -93,11 +94,14 @@ def demo(
                  f"README's Fidelity section explains the gap)")
     out.print(line, markup=False)
     if not quiet:
-        s = result.stats
-        err.print(f"LM prefill {flops(s['lm_prefill_flops'])} "
-                  f"({format_fraction(s['lm_flops_fraction'])} of full "
-                  f"attention's), carried {s['carried_tokens']} / detailed {s['detailed_tokens']} "
-                  f"tokens", markup=False)
+        err.print(prefill_line(result.stats), markup=False)
+
+
+def prefill_line(s: dict[str, Any]) -> str:
+    """The demo's closing line on stderr: LM prefill FLOPs against full attention's."""
+    return (f"LM prefill {flops(s['lm_prefill_flops'])} ({format_fraction(s['lm_flops_fraction'])} "
+            f"of full attention's), carried {s['carried_tokens']} / detailed "
+            f"{s['detailed_tokens']} tokens")
 
 
 _DEFAULT_EVAL_METHODS = "full,isolated,window,statekv,random"
@@ -210,16 +214,17 @@ def eval_(
     from statekv.demo.evaluation import load_demo, plot_eval, run_eval, write_csv
 
     if task == "lockers":
-        from statekv.demo.age_eval import AGE_METHODS
+        from statekv.demo.age_eval import AGE_METHODS, EVAL_BUDGETS, EVAL_FRAMES
         from statekv_cli.lockers import eval_lockers
 
         chosen = [m.strip() for m in methods.split(",") if m.strip()] if methods else list(AGE_METHODS)
-        frames = _ints(lengths or "128", "--lengths")
+        frames = _ints(lengths, "--lengths") if lengths else [EVAL_FRAMES]
         if len(frames) > 1:
-            raise typer.BadParameter("--task lockers takes one length (--lengths 128)")
+            raise typer.BadParameter(f"--task lockers takes one length (--lengths {EVAL_FRAMES})")
         return eval_lockers(options.model, device or "cpu", frames[0],
-                            _ints(budgets or "292,1168,2304", "--budgets"), 16 if videos is None else videos, chosen,
-                            seed, csv_path, plot_path, json_output, quiet, threads)
+                            _ints(budgets, "--budgets") if budgets else list(EVAL_BUDGETS),
+                            16 if videos is None else videos, chosen, seed, csv_path, plot_path,
+                            json_output, quiet, threads)
     _check_task(task)
     lengths, budgets = lengths or "32", budgets or "32,64,128"
     videos = 16 if videos is None else videos

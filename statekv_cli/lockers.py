@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from rich.table import Table
 
-from statekv.units import format_flops as flops, format_fraction
 from statekv_cli.options import emit_json, err, out
 
 
@@ -92,8 +91,7 @@ def demo_lockers(model: str | None, device: str, frames: int, seed: int, method:
     out.print(f"{sum(a.correct for a in result.answers)}/{len(result.answers)} correct (full "
               f"attention on the same video: {result.full_correct}/{len(result.answers)})", markup=False)
     if not quiet:
-        s = result.stats
-        err.print(f"LM prefill {flops(s['lm_prefill_flops'])} ({format_fraction(s['lm_flops_fraction'])}"
-                  f" of full attention's), carried {s['carried_tokens']} / detailed "
-                  f"{s['detailed_tokens']} tokens", markup=False)
+        from statekv_cli.demo import prefill_line
+
+        err.print(prefill_line(result.stats), markup=False)
 

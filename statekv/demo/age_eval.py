@@ -28,6 +28,13 @@ TARGET_FLOOR_GAP = 0.20  # isolated >= 20 points below full beyond the window
 TARGET_STATEKV_GAP = 0.02  # statekv within 2 points of full overall
 TARGET_OVER_WINDOW = 0.10  # statekv >= window + 10 points beyond the window, equal budget
 BOOTSTRAP_ROUNDS = 1000
+# Defaults of `statekv eval --task lockers` and `statekv demo --task lockers`: 128-frame videos
+# (~9,240 tokens) with budgets of 4 and 16 frames (73 tokens each) and of a quarter of the
+# video; the demo's 64 frames (the longest training length) with a quarter of them (16 frames).
+EVAL_FRAMES = 128
+EVAL_BUDGETS = (292, 1168, 2304)
+DEMO_FRAMES = 64
+DEMO_BUDGET = 1168
 
 
 @dataclass(frozen=True)
@@ -164,7 +171,7 @@ def _by_age(correct: np.ndarray, ages: np.ndarray, frames: int) -> list[dict[str
     return rows
 
 
-def run_age_eval(model, *, frames: int = 128, budgets: Sequence[int] = (292, 1168, 2336),
+def run_age_eval(model, *, frames: int = EVAL_FRAMES, budgets: Sequence[int] = EVAL_BUDGETS,
                  videos: int = 24, methods: Sequence[str] = AGE_METHODS,
                  compute_matched: bool = True, seed: int = 0, model_name: str = "",
                  on_progress: Callable[[str], None] | None = None) -> AgeReport:
@@ -303,8 +310,8 @@ def describe(event: lockers.Event) -> str:
     return f"frame {event.frame + 1}: nothing"
 
 
-def run_lockers_demo(model, frames: int = 128, seed: int = 0, method: str = "statekv",
-                     budget: int | None = 1168, window_frames: int | None = 16,
+def run_lockers_demo(model, frames: int = DEMO_FRAMES, seed: int = 0, method: str = "statekv",
+                     budget: int | None = DEMO_BUDGET, window_frames: int | None = 16,
                      pin_prefix: bool = False):
     """A lockers video prefilled with `method`: per question the truth, the method's answer,
     full attention's answer and the evidence age (a `DemoResult`)."""
