@@ -10,9 +10,9 @@ from rich.table import Table
 
 from statekv_cli.options import (
     Debug, Device, Json, PinPrefix, Quiet, Seed, Threads, emit_json, err, handle_errors, method_names, out,
-    run_options_from_cli,
+    prefill_line, run_options_from_cli,
 )
-from statekv.units import format_flops as flops, format_fraction
+from statekv.units import format_flops as flops
 
 DemoMethod = Annotated[str, typer.Option(
     "--method", help=f"One of {method_names()} (isolated: the floor).")]
@@ -95,13 +95,6 @@ def demo(
     out.print(line, markup=False)
     if not quiet:
         err.print(prefill_line(result.stats), markup=False)
-
-
-def prefill_line(s: dict[str, Any]) -> str:
-    """The demo's closing line on stderr: LM prefill FLOPs against full attention's."""
-    return (f"LM prefill {flops(s['lm_prefill_flops'])} ({format_fraction(s['lm_flops_fraction'])} "
-            f"of full attention's), carried {s['carried_tokens']} / detailed "
-            f"{s['detailed_tokens']} tokens")
 
 
 _DEFAULT_EVAL_METHODS = "full,isolated,window,statekv,random"

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from rich.table import Table
 
-from statekv_cli.options import emit_json, err, out
+from statekv_cli.options import emit_json, err, out, prefill_line
 
 
 def load_lockers_model(model: str | None, device: str, threads: int | str | None = None):
@@ -91,7 +91,5 @@ def demo_lockers(model: str | None, device: str, frames: int, seed: int, method:
     out.print(f"{sum(a.correct for a in result.answers)}/{len(result.answers)} correct (full "
               f"attention on the same video: {result.full_correct}/{len(result.answers)})", markup=False)
     if not quiet:
-        from statekv_cli.demo import prefill_line
-
         err.print(prefill_line(result.stats), markup=False)
 

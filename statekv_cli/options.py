@@ -227,3 +227,12 @@ def options_markdown() -> str:
                        ("--debug", "Show the full traceback of errors.")):
         rows.append(f"| `{flag}` | {text} |")
     return "\n".join(rows)
+
+
+def prefill_line(stats: dict[str, Any]) -> str:
+    """The demos' closing line on stderr: LM prefill FLOPs against full attention's."""
+    from statekv.units import format_flops, format_fraction
+
+    return (f"LM prefill {format_flops(stats['lm_prefill_flops'])} "
+            f"({format_fraction(stats['lm_flops_fraction'])} of full attention's), carried "
+            f"{stats['carried_tokens']} / detailed {stats['detailed_tokens']} tokens")
