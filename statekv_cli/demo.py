@@ -10,7 +10,7 @@ from rich.table import Table
 
 from statekv_cli.options import (
     Debug, Device, Json, PinPrefix, Quiet, Seed, Threads, emit_json, err, handle_errors, method_names, out,
-    prefill_line, run_options_from_cli,
+    method_label, prefill_line, run_options_from_cli,
 )
 from statekv.units import format_flops as flops
 
@@ -80,9 +80,8 @@ def demo(
     if events:
         for line in result.events:
             out.print(line, markup=False)
-    setting = {"statekv": f" budget {result.budget}", "window": f" {result.window_frames} frames"}
     table = Table(title=f"synthetic video seed {seed}, {frames} frames, "
-                        f"{method}{setting.get(method, '')}")
+                        f"{method_label(method, result.budget, result.window_frames)}")
     for column in ("question", "answer", "truth", ""):
         table.add_column(column)
     for a in result.answers:

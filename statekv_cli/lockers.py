@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from rich.table import Table
 
-from statekv_cli.options import emit_json, err, out, prefill_line
+from statekv_cli.options import emit_json, err, method_label, out, prefill_line
 
 
 def load_lockers_model(model: str | None, device: str, threads: int | str | None = None):
@@ -70,18 +70,16 @@ def demo_lockers(model: str | None, device: str, frames: int, seed: int, method:
                  json_output: bool, threads: int | str | None = None, quiet: bool = False) -> None:
     from statekv.demo.age_eval import run_lockers_demo
 
-    result = run_lockers_demo(load_lockers_model(model, device, threads), frames, seed, method, budget,
-                              window_frames, pin_prefix)
+    result = run_lockers_demo(load_lockers_model(model, device, threads), frames, seed, method,
+                              budget, window_frames, pin_prefix)
     if json_output:
         emit_json(result.to_dict())
         return
     if events:
         for line in result.events:
             out.print(line, markup=False)
-    setting = {"statekv": f" budget {result.budget}", "random": f" budget {result.budget}",
-               "window": f" {result.window_frames} frames"}
     table = Table(title=f"lockers video seed {seed}, {frames} frames, "
-                        f"{method}{setting.get(method, '')}")
+                        f"{method_label(method, result.budget, result.window_frames)}")
     for column in ("question", "evidence age", "truth", method, "full", ""):
         table.add_column(column)
     for a in result.answers:
@@ -92,4 +90,3 @@ def demo_lockers(model: str | None, device: str, frames: int, seed: int, method:
               f"attention on the same video: {result.full_correct}/{len(result.answers)})", markup=False)
     if not quiet:
         err.print(prefill_line(result.stats), markup=False)
-

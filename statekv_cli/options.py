@@ -229,6 +229,12 @@ def options_markdown() -> str:
     return "\n".join(rows)
 
 
+def method_label(method: str, budget: int | None, window_frames: int | None) -> str:
+    """A demo table's method with its setting, e.g. 'statekv budget 64', 'window 16 frames'."""
+    setting = {"statekv": f" budget {budget}", "window": f" {window_frames} frames"}
+    return method + setting.get(method, "")
+
+
 def prefill_line(stats: dict[str, Any]) -> str:
     """The demos' closing line on stderr: LM prefill FLOPs against full attention's."""
     from statekv.units import format_flops, format_fraction
