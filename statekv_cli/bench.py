@@ -75,7 +75,9 @@ def bench(
         "--runners", help="--e2e: comma-separated runners: transformers, full, window, "
         "statekv.")] = "transformers,full,window,statekv",
     dtype: Annotated[str, typer.Option(
-        "--dtype", help="--e2e: auto, float32 or bfloat16 (all runners alike).")] = "float32",
+        "--dtype", help="--e2e: auto, float32 or bfloat16 (all runners alike), or several, "
+        "comma-separated, run side by side on the same frames. Example: --dtype float32,auto "
+        "times bfloat16 against the float32 peer in one run.")] = "float32",
     max_new_tokens: Annotated[int, typer.Option(
         "--max-new-tokens", help="--e2e: tokens each runner generates (greedy).")] = 8,
     debug: Debug = False,
@@ -194,8 +196,9 @@ def _e2e(preset, frame_counts, video, model, runners, repeats, dtype, threads, b
     shown = not json_output
     report = lib.run_e2e(
         preset, video or "", frame_counts, [r.strip() for r in runners.split(",") if r.strip()],
-        model=model, repeats=repeats, dtype=dtype, threads=threads, budget=budget,
-        window_frames=window_frames, max_new_tokens=max_new_tokens,
+        model=model, repeats=repeats,
+        dtype=[d.strip() for d in dtype.split(",") if d.strip()] if "," in dtype else dtype,
+        threads=threads, budget=budget, window_frames=window_frames, max_new_tokens=max_new_tokens,
         on_row=(lambda row: err.print(_e2e_line(row), markup=False)) if shown else None,
         on_model=(lambda source: err.print(f"model: {source}", markup=False)) if shown else None)
     if csv:
@@ -212,23 +215,28 @@ def _e2e(preset, frame_counts, video, model, runners, repeats, dtype, threads, b
 
 def _e2e_line(row) -> str:
     s = row.seconds
-    return (f"{row.frames} frames, {row.runner}: total {format_seconds(s['total'])} "
+    return (f"{row.frames} frames, {row.runner} ({row.dtype}): total {format_seconds(s['total'])} "
             f"(vision {format_seconds(s['vision'])}, LM prefill {format_seconds(s['lm_prefill'])})")
 
 
 def _e2e_table(report, speedups) -> Table:
     table = Table(title=f"end to end: {report['preset']} ({report['model']}), medians")
-    names = ("frames", "runner", "dtype", "decode s", "processor s", "vision s", "LM prefill s",
-             "answer s", "total s", "speed-up", "LM speed-up", "LM FLOPs", "peak memory")
+    names = ["frames", "runner", "dtype", "decode s", "processor s", "vision s", "LM prefill s",
+             "answer s", "total s", "speed-up", "LM speed-up", "LM FLOPs", "peak memory"]
+    several = len({r["dtype"] for r in report["rows"]}) > 1
+    if several:  # each runner against transformers in float32, not only at its own dtype
+        names.insert(10, "vs float32 transformers")
     for name in names:
         table.add_column(name, justify="right")
     for r in report["rows"]:
         s = r["seconds"]
-        ratio = speedups.get((r["frames"], r["runner"]), {})
-        table.add_row(
-            str(r["frames"]), r["runner"], r["dtype"],
-            *(f"{s[k]:.2f}" for k in ("decode", "processor", "vision", "lm_prefill", "answer",
-                                      "total")),
-            _fmt(ratio.get("total"), "{:.2f}x"), _fmt(ratio.get("lm_prefill"), "{:.2f}x"),
-            flops(r["lm_prefill_flops"]), size(r["peak_memory_bytes"]))
+        ratio = speedups.get((r["frames"], r["dtype"], r["runner"]), {})
+        cells = [str(r["frames"]), r["runner"], r["dtype"],
+                 *(f"{s[k]:.2f}" for k in ("decode", "processor", "vision", "lm_prefill", "answer",
+                                           "total")),
+                 _fmt(ratio.get("total"), "{:.2f}x"), _fmt(ratio.get("lm_prefill"), "{:.2f}x"),
+                 flops(r["lm_prefill_flops"]), size(r["peak_memory_bytes"])]
+        if several:
+            cells.insert(10, _fmt(ratio.get("total_vs_float32"), "{:.2f}x"))
+        table.add_row(*cells)
     return table

@@ -75,8 +75,28 @@ def test_csv_and_speedups(report, tmp_path):
     assert lines[0].split(",")[:5] == ["runner", "frames", "dtype", "threads", "decode_seconds"]
     assert len(lines) == 1 + len(report["rows"])
     ratios = e2e.speedups(report)
-    assert set(ratios) == {(n, r) for n in (3, 5) for r in ("full", "window", "statekv")}
+    assert set(ratios) == {(n, "float32", r) for n in (3, 5) for r in ("full", "window", "statekv")}
     assert all(v["lm_flop_ratio"] > 1 for v in ratios.values())
+
+
+def test_several_dtypes_run_side_by_side(checkpoints, clip):
+    report = e2e.run_e2e("smolvlm2-256m", str(clip), frames=[2], model=str(checkpoints("smolvlm")),
+                         runners=["transformers", "full"], repeats=1, threads=1,
+                         max_new_tokens=2, warmup=False, dtype=["float32", "bfloat16"])
+    rows = report["rows"]
+    assert [(r["dtype"], r["runner"]) for r in rows] == [
+        ("float32", "transformers"), ("float32", "full"),
+        ("bfloat16", "transformers"), ("bfloat16", "full")]
+    assert rows[0]["vision_flops"] == rows[2]["vision_flops"]  # the same frames for both
+    ratios = e2e.speedups(report)
+    # each statekv row against transformers at its own dtype and against float32 transformers
+    assert set(ratios) == {(2, "float32", "full"), (2, "bfloat16", "transformers"),
+                           (2, "bfloat16", "full")}
+    bf16 = ratios[(2, "bfloat16", "full")]
+    assert bf16["total_vs_float32"] == pytest.approx(
+        rows[0]["seconds"]["total"] / rows[3]["seconds"]["total"])
+    assert bf16["total"] == pytest.approx(rows[2]["seconds"]["total"] / rows[3]["seconds"]["total"])
+    assert set(ratios[(2, "bfloat16", "transformers")]) == {"total_vs_float32"}
 
 
 def test_random_weights_have_the_presets_shape():
@@ -94,6 +114,10 @@ def test_bad_options():
         e2e.run_e2e("smolvlm2-256m", "", frames=[2])
     with pytest.raises(UsageError, match="runner"):
         e2e.run_e2e("smolvlm2-256m", "x.mp4", frames=[2], runners=["nope"])
+    with pytest.raises(UsageError, match="each dtype once"):
+        e2e.run_e2e("smolvlm2-256m", "x.mp4", frames=[2], dtype=["float32", "float32"])
+    with pytest.raises(UsageError, match="unknown dtype"):
+        e2e.run_e2e("smolvlm2-256m", "x.mp4", frames=[2], dtype=["float32", "fp8"])
 
 
 def test_command_json(checkpoints, clip, tmp_path):
@@ -186,3 +210,18 @@ def test_prefill_from_a_file_decodes_in_the_background(tiny_model, clip, monkeyp
     session = tiny_model.prefill(str(clip), method="full", max_frames=4, fps=None)
     assert session.stats.frames == 4
     assert names and set(names) == {"statekv-decode"}
+
+
+def test_command_table_with_two_dtypes(checkpoints, clip):
+    app = typer.Typer()
+    app.command("bench")(bench_command)
+    app.command("noop")(lambda: None)
+    result = CliRunner().invoke(app, [
+        "bench", "--e2e", "--preset", "smolvlm2-256m", "--model", str(checkpoints("smolvlm")),
+        "--video", str(clip), "--frames", "2", "--runners", "transformers,full", "--repeats", "1",
+        "--threads", "1", "--max-new-tokens", "2", "--dtype", "float32,bfloat16"])
+    assert result.exit_code == 0, result.output
+    assert "vs float32" in result.stdout and "bfloat16" in result.stdout
+    bad = CliRunner().invoke(app, ["bench", "--e2e", "--preset", "smolvlm2-256m", "--video",
+                                   str(clip), "--dtype", "float32,float32"])
+    assert bad.exit_code == 2 and "each dtype once" in bad.output

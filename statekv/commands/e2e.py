@@ -247,7 +247,7 @@ def run_e2e(
     *,
     model: str | None = None,
     repeats: int = 3,
-    dtype: str = "float32",
+    dtype: str | Sequence[str] = "float32",
     threads: int | str | None = None,
     budget: int | None = None,
     window_frames: int | None = None,
@@ -258,7 +258,13 @@ def run_e2e(
     on_row: Callable[[E2ERow], None] | None = None,
     on_model: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """{video, preset, model, rows}: every runner on the same decoded frames, per frame count."""
+    """{video, preset, model, rows}: every runner on the same decoded frames, per frame count.
+
+    `dtype` may list several dtypes ("float32", "auto", ...): one model is loaded per dtype and
+    every repeat runs them all back to back on the same frames, so a bfloat16 row and the
+    float32 peer are measured side by side.
+    """
+    from statekv.loading import dtype_name
     from statekv.presets import load_preset
 
     if not video_path:
@@ -269,13 +275,21 @@ def run_e2e(
                          f"{', '.join(RUNNERS)}")
     if repeats < 1 or not frames or min(frames) < 1:
         raise UsageError("--repeats and every --frames value must be at least 1")
+    dtypes = [dtype] if isinstance(dtype, str) else list(dtype)
+    names = [dtype_name(d, "cpu") for d in dtypes]  # UsageError for an unknown one
+    if not dtypes or len(set(names)) != len(names):
+        raise UsageError(f"--dtype {','.join(dtypes) or '(none)'}: give each dtype once "
+                         f"(here they mean {', '.join(names) or 'nothing'})")
     preset_obj = load_preset(preset)
     from statekv import threads as cpu_threads
 
     previous = torch.get_num_threads()
     cpu_threads.apply(cpu_threads.resolve(threads))  # N, "auto", or the environment's
     try:
-        loaded, source = load_e2e_model(preset_obj, model, dtype, seed)
+        models = []
+        for each in dtypes:  # the same seed: the same random weights in every dtype
+            loaded, source = load_e2e_model(preset_obj, model, each, seed)
+            models.append(loaded)
         if on_model is not None:
             on_model(source)
         budget = budget or preset_obj.budget
@@ -283,9 +297,9 @@ def run_e2e(
         info = video.probe(video_path)
         rows: list[E2ERow] = []
         if warmup:  # first calls allocate and pick kernels: keep that off every row's clock
-            _cell(loaded, video_path, info, 2, runners, 1, question, 2, budget, window_frames)
+            _cell(models, video_path, info, 2, runners, 1, question, 2, budget, window_frames)
         for count in frames:
-            for row in _cell(loaded, video_path, info, count, runners, repeats, question,
+            for row in _cell(models, video_path, info, count, runners, repeats, question,
                              max_new_tokens, budget, window_frames):
                 rows.append(row)
                 if on_row is not None:
@@ -297,50 +311,55 @@ def run_e2e(
         torch.set_num_threads(previous)
 
 
-def _cell(model, video_path, info, count, runners, repeats, question, max_new_tokens, budget,
+def _cell(models, video_path, info, count, runners, repeats, question, max_new_tokens, budget,
           window_frames) -> list[E2ERow]:
-    adapter = model.adapter
-    size = adapter.decode_size(info.height, info.width, frames=count)
-    runs: dict[str, list[dict[str, Any]]] = {r: [] for r in runners}
+    size = models[0].adapter.decode_size(info.height, info.width, frames=count)
+    runs: dict[tuple[int, str], list[dict[str, Any]]] = {
+        (m, r): [] for m in range(len(models)) for r in runners}
     expected = None
     for _ in range(repeats):
         decoded, timestamps, decode_seconds = decode_frames(video_path, count, size)
         if expected is None:
-            expected = layout_ids(adapter, timestamps, question)
-        for runner in runners:  # back to back, on the same frames
-            if runner == "transformers":
-                run = _transformers_run(model, decoded, timestamps, question, max_new_tokens)
-                _check_parity(expected, run["ids"], [round(t, 6) for t in timestamps], timestamps)
-            else:
-                run = _statekv_run(model, runner, decoded, timestamps, question, max_new_tokens,
-                                   budget, window_frames)
-                _check_parity(None, [], run["timestamps"], timestamps)
-            run["seconds"]["decode"] = decode_seconds
-            run["seconds"]["total"] = decode_seconds + run["wall"]
-            run["frames"] = len(decoded)
-            runs[runner].append(run)
-    shape = accounting.LMShape.from_model(adapter.language_model, adapter.text_config)
-    vision_flops = next((runs[r][-1]["stats"].vision_flops for r in runners
-                         if r != "transformers"), None)
+            expected = layout_ids(models[0].adapter, timestamps, question)
+        for m, model in enumerate(models):  # back to back, on the same frames
+            for runner in runners:
+                if runner == "transformers":
+                    run = _transformers_run(model, decoded, timestamps, question, max_new_tokens)
+                    _check_parity(expected, run["ids"], [round(t, 6) for t in timestamps],
+                                  timestamps)
+                else:
+                    run = _statekv_run(model, runner, decoded, timestamps, question,
+                                       max_new_tokens, budget, window_frames)
+                    _check_parity(None, [], run["timestamps"], timestamps)
+                run["seconds"]["decode"] = decode_seconds
+                run["seconds"]["total"] = decode_seconds + run["wall"]
+                run["frames"] = len(decoded)
+                runs[(m, runner)].append(run)
+    vision_flops = next((runs[(m, r)][-1]["stats"].vision_flops for m in range(len(models))
+                         for r in runners if r != "transformers"), None)
     rows = []
-    for runner in runners:
-        mine = runs[runner]
-        last = mine[-1]
-        if runner == "transformers":
-            tokens = len(last["ids"])
-            lm_flops = accounting.chunk_flops(shape, tokens, 0, mass=False)
-        else:
-            tokens = last["stats"].detailed_tokens
-            lm_flops = last["stats"].lm_prefill_flops
-        seconds = {key: round(statistics.median(r["seconds"][key] for r in mine), 4)
-                   for key in SECONDS}
-        rows.append(E2ERow(
-            runner=runner, frames=last["frames"], dtype=str(adapter.dtype).removeprefix("torch."),
-            threads=torch.get_num_threads(), seconds=seconds, lm_prefill_flops=lm_flops,
-            vision_flops=vision_flops,
-            peak_memory_bytes=int(statistics.median(r["peak"] for r in mine)),
-            answer=last["answer"], tokens=tokens,
-            seconds_runs=[{k: round(r["seconds"][k], 4) for k in SECONDS} for r in mine]))
+    for m, model in enumerate(models):
+        adapter = model.adapter
+        shape = accounting.LMShape.from_model(adapter.language_model, adapter.text_config)
+        for runner in runners:
+            mine = runs[(m, runner)]
+            last = mine[-1]
+            if runner == "transformers":
+                tokens = len(last["ids"])
+                lm_flops = accounting.chunk_flops(shape, tokens, 0, mass=False)
+            else:
+                tokens = last["stats"].detailed_tokens
+                lm_flops = last["stats"].lm_prefill_flops
+            seconds = {key: round(statistics.median(r["seconds"][key] for r in mine), 4)
+                       for key in SECONDS}
+            rows.append(E2ERow(
+                runner=runner, frames=last["frames"],
+                dtype=str(adapter.dtype).removeprefix("torch."),
+                threads=torch.get_num_threads(), seconds=seconds, lm_prefill_flops=lm_flops,
+                vision_flops=vision_flops,
+                peak_memory_bytes=int(statistics.median(r["peak"] for r in mine)),
+                answer=last["answer"], tokens=tokens,
+                seconds_runs=[{k: round(r["seconds"][k], 4) for k in SECONDS} for r in mine]))
     return rows
 
 
@@ -359,24 +378,31 @@ def write_csv(report: dict[str, Any], path: str) -> None:
             writer.writerow(flat)
 
 
-def speedups(report: dict[str, Any]) -> dict[tuple[int, str], dict[str, float]]:
-    """Per (frames, runner): transformers' seconds over the runner's (total, LM prefill) and
-    the FLOP ratios that bound them (vision included for the total)."""
+def speedups(report: dict[str, Any]) -> dict[tuple[int, str, str], dict[str, float]]:
+    """Per (frames, dtype, runner): transformers' seconds at the same dtype over the runner's
+    (total, LM prefill), the FLOP ratios that bound them (vision included for the total), and,
+    where a float32 transformers row ran, `total_vs_float32`: its total over the runner's
+    (transformers' own rows in other dtypes included)."""
     rows = report["rows"]
-    base = {r["frames"]: r for r in rows if r["runner"] == "transformers"}
+    base = {(r["frames"], r["dtype"]): r for r in rows if r["runner"] == "transformers"}
     out = {}
     for r in rows:
-        peer = base.get(r["frames"])
+        key = (r["frames"], r["dtype"], r["runner"])
+        fp32 = base.get((r["frames"], "float32"))
+        if fp32 is not None and fp32 is not r:
+            out.setdefault(key, {})["total_vs_float32"] = (
+                fp32["seconds"]["total"] / max(1e-9, r["seconds"]["total"]))
+        peer = base.get((r["frames"], r["dtype"]))
         if peer is None or r["runner"] == "transformers":
             continue
         vision = r["vision_flops"] or 0
-        out[(r["frames"], r["runner"])] = {
+        out.setdefault(key, {}).update({
             "total": peer["seconds"]["total"] / max(1e-9, r["seconds"]["total"]),
             "lm_prefill": peer["seconds"]["lm_prefill"] / max(1e-9, r["seconds"]["lm_prefill"]),
             "lm_flop_ratio": peer["lm_prefill_flops"] / max(1, r["lm_prefill_flops"]),
             "e2e_flop_ratio": (peer["lm_prefill_flops"] + vision)
                               / max(1, r["lm_prefill_flops"] + vision),
-        }
+        })
     return out
 
 
@@ -390,7 +416,9 @@ def plot(report: dict[str, Any], path: str) -> None:
     except ImportError:
         raise UsageError("plotting needs matplotlib: pip install 'statekv[plot]'") from None
     rows = report["rows"]
-    labels = [f"{r['runner']}\n{r['frames']} fr" for r in rows]
+    several = len({r["dtype"] for r in rows}) > 1
+    labels = [f"{r['runner']}\n{r['frames']} fr" + (f"\n{r['dtype']}" if several else "")
+              for r in rows]
     fig, ax = plt.subplots(figsize=(max(5.0, 1.1 * len(rows)), 4))
     bottom = np.zeros(len(rows))
     for key in ("decode", "processor", "vision", "lm_prefill", "answer"):
