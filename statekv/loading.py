@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from pathlib import Path
@@ -76,9 +77,13 @@ def resolve_device(device: str = "auto") -> torch.device:
 
 # CPU flags (Linux /proc/cpuinfo) of native bfloat16 matrix instructions: AVX512-BF16, AMX.
 CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
-# Set to 0 to keep `--dtype auto` at float32 on the CPU even where bf16 is native.
+# `--dtype auto` on the CPU: unset (or "auto") = the flags, then a timed matmul where torch is
+# loaded; "1" = the flags alone; "0" = always float32.
 CPU_BF16_ENV = "STATEKV_CPU_BF16"
 CPUINFO = "/proc/cpuinfo"
+# bfloat16 must multiply at least this much faster than float32 for `auto` to pick it. Seen:
+# AMD EPYC (AVX512-BF16) 2.7x; an Intel Xeon with AVX512-BF16 and no AMX 0.74x (slower).
+BF16_MIN_SPEEDUP = 1.25
 
 
 def cpu_flags(path: str | None = None) -> set[str]:
@@ -93,13 +98,39 @@ def cpu_flags(path: str | None = None) -> set[str]:
     return set()
 
 
+@functools.lru_cache(maxsize=1)
+def bf16_matmul_speedup() -> float:
+    """float32 over bfloat16 seconds of one 512x1024x1024 matrix product on this CPU (best of
+    3 each, ~50 ms in all, once per process): whether the instructions are there *and* torch's
+    kernels use them well. Having the flag is not enough: on some CPUs with AVX512-BF16 the
+    bfloat16 product is slower than float32's."""
+    import time
+
+    import torch
+
+    best = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        a = torch.ones(512, 1024, dtype=dtype)
+        b = torch.ones(1024, 1024, dtype=dtype)
+        a @ b  # first call: kernel choice, allocation
+        times = []
+        for _ in range(3):
+            started = time.perf_counter()
+            a @ b
+            times.append(time.perf_counter() - started)
+        best[dtype] = min(times)
+    return best[torch.float32] / max(1e-9, best[torch.bfloat16])
+
+
 def cpu_has_native_bf16() -> bool:
-    """Whether this CPU multiplies bfloat16 matrices natively (AVX512-BF16 or AMX-BF16).
+    """Whether this CPU multiplies bfloat16 matrices natively (AVX512-BF16 or AMX-BF16) and, where
+    torch is loaded, measurably faster than float32 (`bf16_matmul_speedup`).
 
     torch's reported capability must be AVX512 (or better) for its kernels to use them; on
     CPUs without these instructions bfloat16 is emulated and slower than float32.
     """
-    if os.environ.get(CPU_BF16_ENV, "1").lower() in ("0", "false", "no"):
+    setting = os.environ.get(CPU_BF16_ENV, "auto").lower()
+    if setting in ("0", "false", "no"):
         return False
     if "torch" in sys.modules:  # what torch's kernels will use (ATEN_CPU_CAPABILITY may lower it)
         capability = str(sys.modules["torch"].backends.cpu.get_cpu_capability()).upper()
@@ -107,12 +138,17 @@ def cpu_has_native_bf16() -> bool:
         capability = os.environ.get("ATEN_CPU_CAPABILITY", "avx512").upper()
     if not capability.startswith("AVX512"):
         return False
-    return bool(cpu_flags() & set(CPU_BF16_FLAGS))
+    if not cpu_flags() & set(CPU_BF16_FLAGS):
+        return False
+    if setting in ("1", "true", "yes") or "torch" not in sys.modules:
+        return True
+    return bf16_matmul_speedup() >= BF16_MIN_SPEEDUP
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     """'auto' is bfloat16 on GPUs that support it and on CPUs with native bf16 matrix
-    instructions (AVX512-BF16 / AMX), float32 elsewhere."""
+    instructions (AVX512-BF16 / AMX) that run a bf16 product faster than float32's (timed once
+    per process), float32 elsewhere."""
     import torch
 
     if dtype == "auto":

@@ -392,3 +392,29 @@ def test_dtype_auto_picks_bfloat16_only_on_native_bf16_cpus(monkeypatch, tmp_pat
     monkeypatch.setenv(loading.CPU_BF16_ENV, "0")  # the opt-out keeps float32
     assert loading.resolve_dtype("auto", torch.device("cpu")) == torch.float32
 
+
+
+def test_dtype_auto_times_bf16_where_the_flag_is_not_enough(monkeypatch, tmp_path):
+    from statekv import loading
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu avx512f avx512_bf16\n")
+    monkeypatch.setattr(loading, "CPUINFO", str(cpuinfo))
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    monkeypatch.delenv(loading.CPU_BF16_ENV, raising=False)  # the default: flags, then timing
+    for speedup, expected in ((0.74, torch.float32), (1.1, torch.float32), (2.7, torch.bfloat16)):
+        monkeypatch.setattr(loading, "bf16_matmul_speedup", lambda s=speedup: s)
+        assert loading.resolve_dtype("auto", torch.device("cpu")) == expected
+        assert loading.dtype_name("auto", "cpu") == str(expected).removeprefix("torch.")
+    monkeypatch.setattr(loading, "bf16_matmul_speedup", lambda: 0.5)
+    monkeypatch.setenv(loading.CPU_BF16_ENV, "1")  # trust the flags, no timing
+    assert loading.resolve_dtype("auto", torch.device("cpu")) == torch.bfloat16
+
+
+def test_bf16_matmul_speedup_is_a_measured_ratio():
+    from statekv import loading
+
+    loading.bf16_matmul_speedup.cache_clear()
+    ratio = loading.bf16_matmul_speedup()
+    assert 0.01 < ratio < 100
+    assert loading.bf16_matmul_speedup() == ratio  # measured once per process
