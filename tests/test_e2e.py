@@ -120,10 +120,15 @@ def test_bad_options():
         e2e.run_e2e("smolvlm2-256m", "x.mp4", frames=[2], dtype=["float32", "fp8"])
 
 
-def test_command_json(checkpoints, clip, tmp_path):
+def _bench_app() -> typer.Typer:
     app = typer.Typer()
     app.command("bench")(bench_command)
     app.command("noop")(lambda: None)
+    return app
+
+
+def test_command_json(checkpoints, clip, tmp_path):
+    app = _bench_app()
     result = CliRunner().invoke(app, [
         "bench", "--e2e", "--preset", "smolvlm2-256m", "--model", str(checkpoints("smolvlm")),
         "--video", str(clip), "--frames", "2", "--runners", "transformers,full", "--repeats", "1",
@@ -213,9 +218,7 @@ def test_prefill_from_a_file_decodes_in_the_background(tiny_model, clip, monkeyp
 
 
 def test_command_table_with_two_dtypes(checkpoints, clip):
-    app = typer.Typer()
-    app.command("bench")(bench_command)
-    app.command("noop")(lambda: None)
+    app = _bench_app()
     result = CliRunner().invoke(app, [
         "bench", "--e2e", "--preset", "smolvlm2-256m", "--model", str(checkpoints("smolvlm")),
         "--video", str(clip), "--frames", "2", "--runners", "transformers,full", "--repeats", "1",
