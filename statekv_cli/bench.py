@@ -197,7 +197,7 @@ def _e2e(preset, frame_counts, video, model, runners, repeats, dtype, threads, b
     report = lib.run_e2e(
         preset, video or "", frame_counts, [r.strip() for r in runners.split(",") if r.strip()],
         model=model, repeats=repeats,
-        dtype=[d.strip() for d in dtype.split(",") if d.strip()] if "," in dtype else dtype,
+        dtype=[d.strip() for d in dtype.split(",") if d.strip()],
         threads=threads, budget=budget, window_frames=window_frames, max_new_tokens=max_new_tokens,
         on_row=(lambda row: err.print(_e2e_line(row), markup=False)) if shown else None,
         on_model=(lambda source: err.print(f"model: {source}", markup=False)) if shown else None)
