@@ -301,6 +301,28 @@ def statekv_attention(module, query, key, value, attention_mask, scaling=None, d
                                       dropout=dropout, is_causal=False)
     layer = cache.layers[module.layer_idx]
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    if layer.group is None:
+        out = _attend_chunk(layer, cache, query, key, value, scale, layer.seen - query.shape[-2])
+        return out.transpose(1, 2).contiguous(), None
+    # Grouped prefill: the forward holds several chunks; `key`/`value` are their own keys (all
+    # in the detailed cache now). Each chunk attends to its layer's state in turn and commits
+    # its selection before the next one asks, as if each were its own forward.
+    _, heads, tokens, head_dim = query.shape
+    out = query.new_empty(1, tokens, heads, head_dim)
+    first = 0
+    for count in layer.group:
+        part = slice(first, first + count)
+        start = layer.group_start + first
+        keys, values = layer.chunk_keys(key[:, :, part], value[:, :, part], start)
+        out[:, part] = _attend_chunk(layer, cache, query[:, :, part], keys, values, scale,
+                                     start).transpose(1, 2)
+        first += count
+    return out, None
+
+
+def _attend_chunk(layer, cache, query, key, value, scale, start):
+    """One chunk's attention over the keys its layer serves; hands the mass to the layer (its
+    selection) and to a mass observer. Returns the output (1, heads, q, d)."""
     observed = layer.mass_observer is not None and not layer.answering
     serial = getattr(cache, "serial", None)
     scores = query.shape[1] * query.shape[2] * key.shape[2]
@@ -309,10 +331,10 @@ def statekv_attention(module, query, key, value, attention_mask, scaling=None, d
                            cache.attention,
                            causal_mass=not (layer.wants_mass and cache.policy.bidirectional_scores))
     if observed:
-        layer.mass_observer(layer.index, layer.seen - query.shape[-2], mass)
+        layer.mass_observer(layer.index, start, mass)
     if mass is not None and layer.wants_mass:
         layer.commit(mass)
-    return out.transpose(1, 2).contiguous(), None
+    return out
 
 
 AttentionInterface.register(ATTENTION_NAME, statekv_attention)

@@ -49,6 +49,13 @@ class StateLayer(CacheLayerMixin):
         # every prefill chunk's attention, whatever the policy: it makes the attention compute
         # the mass even where the policy needs none. None (the default) costs nothing.
         self.mass_observer: Callable[[int, int, torch.Tensor], None] | None = None
+        # Grouped prefill (several chunks in one language-model forward): the token counts of
+        # the chunks this forward holds, in order, and the first token of the first; None when
+        # the forward is one chunk. The attention function then runs the chunks one by one
+        # against this layer's state (`chunk_keys`), exactly as separate forwards would.
+        self.group: list[int] | None = None
+        self.group_start = 0
+        self._chunk_end = 0  # last token + 1 of the chunk being attended (for the observer)
         # (keys, values, positions) of [carried ; chunk] between update() and commit()
         self._pending: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self._buffers = _CarriedBuffers()
@@ -69,8 +76,22 @@ class StateLayer(CacheLayerMixin):
             self.lazy_initialization(key_states, value_states)
         start = self.seen
         self._append(key_states, value_states)
+        self._chunk_end = self.seen
+        if self.group is not None:  # the attention function asks chunk by chunk (chunk_keys)
+            self.group_start = start
+            return key_states, value_states
         if self.answering or self.prefixing or self.policy.recency:
             return self._recent(start)
+        return self._candidates(key_states, value_states, start)
+
+    def chunk_keys(self, key_states, value_states, start: int):
+        """Grouped prefill: the keys/values one chunk of the forward attends to, the chunk's own
+        keys being `key_states` at token `start` (already in the detailed cache). Chunks must
+        come in order, each one's selection committed before the next asks."""
+        end = start + key_states.shape[-2]
+        self._chunk_end = end
+        if self.policy.recency:
+            return self._recent(start, end)
         return self._candidates(key_states, value_states, start)
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
@@ -104,18 +125,20 @@ class StateLayer(CacheLayerMixin):
         self.seen = tokens
 
     # carried state --------------------------------------------------------------------
-    def _recent(self, start: int):
-        """Keys for recency policies (and answering): views of the detailed cache."""
+    def _recent(self, start: int, end: int | None = None):
+        """Keys for recency policies (and answering): views of the detailed cache, up to `end`
+        (default: everything seen)."""
+        end = self.seen if end is None else end
         first = None if self.answering else self.policy.first_visible(start)
         lo = self.pinned if first is None else min(start, max(self.pinned, first))
         if not self.answering:
             self.max_carried = max(self.max_carried, start - lo + self.pinned)
         if lo == self.pinned:  # the pinned prefix runs on into the recent part: one view
-            return self.keys[:, :, : self.seen], self.values[:, :, : self.seen]
+            return self.keys[:, :, :end], self.values[:, :, :end]
         if self.pinned == 0:  # nothing pinned: the recent part alone, a view
-            return self.keys[:, :, lo: self.seen], self.values[:, :, lo: self.seen]
+            return self.keys[:, :, lo:end], self.values[:, :, lo:end]
         pinned = slice(0, self.pinned)
-        recent = slice(lo, self.seen)
+        recent = slice(lo, end)
         return (torch.cat([self.keys[:, :, pinned], self.keys[:, :, recent]], dim=2),
                 torch.cat([self.values[:, :, pinned], self.values[:, :, recent]], dim=2))
 
@@ -162,7 +185,7 @@ class StateLayer(CacheLayerMixin):
         self.carried_scores = None  # commit() sets it again for a running score
         self._pending = None
         if self.observer is not None:
-            self.observer(self.index, self.seen, positions)
+            self.observer(self.index, self._chunk_end, positions)
 
     @property
     def carried_count(self) -> int:
@@ -280,6 +303,16 @@ class StateCache(Cache):
         ([pinned ; carried ; chunk]; for `full` without pinning, key j is position j)."""
         for layer in self.layers:
             layer.mass_observer = observer
+
+    def begin_group(self, token_counts: list[int]) -> None:
+        """The next forward holds several chunks of these token counts, in order: each layer
+        attends them one at a time against its own state (see `StateLayer.group`)."""
+        for layer in self.layers:
+            layer.group = list(token_counts)
+
+    def end_group(self) -> None:
+        for layer in self.layers:
+            layer.group = None
 
     def begin_prefix(self) -> None:
         """The next chunk is the text prefix, to be pinned after it: attend, do not select."""

@@ -30,6 +30,12 @@ ANSWER_ROOM = accounting.ANSWER_ROOM  # tokens reserved after the video for a qu
 # Full attention's result does not depend on the chunking, so `full` prefills many frames per
 # vision call and language-model forward: at most this many tokens, fewer if memory is short.
 FULL_FORWARD_TOKENS = 2048
+# Policies that select or slide (window, statekv) update their state after every chunk, but a
+# chunk's state at one layer needs only the previous chunks at that same layer. So several
+# chunks can share one language-model forward (projections and MLP as one large matrix
+# product) while each layer's attention takes them one by one: grouped prefill, the same
+# results. At most this many tokens per forward (fewer if memory is short); 0: one per forward.
+GROUP_FORWARD_TOKENS = 2048
 
 
 @dataclass
@@ -46,6 +52,9 @@ class PrefillEvent:
     memory_bytes: int
     peak_memory_bytes: int
     remaining_seconds: float | None = None  # at the pace so far; None before the first chunk
+    # chunks that shared this chunk's language-model forward (grouped prefill: their events
+    # come together when it ends; a per-chunk time is the forward's time over this count)
+    forward_chunks: int = 1
 
     @property
     def fraction_of_full(self) -> float | None:
@@ -122,28 +131,65 @@ class _Loop:
         self.tokens_done = 0  # running total of result.chunk_tokens (no per-chunk re-summing)
         self.serial: SerialSmallOps | None = None  # set for the chunk loop (prefill_chunks)
         self.hidden = adapter.text_config.hidden_size
+        self.pending: list[ChunkInputs] = []  # encoded chunks waiting for one grouped forward
+        self.pending_tokens = 0
 
     def run_chunk(self, chunk: ChunkInputs) -> None:
-        result, cache = self.result, self.cache
+        self.run_group([chunk])
+
+    def queue(self, chunk: ChunkInputs, group_tokens: int) -> None:
+        """Add an encoded chunk to the next grouped forward, running the queue first if the
+        chunk would take it past `group_tokens` (0: every chunk runs alone)."""
+        if self.pending and self.pending_tokens + chunk.tokens > group_tokens:
+            self.flush()
+        self.pending.append(chunk)
+        self.pending_tokens += chunk.tokens
+
+    def flush(self) -> None:
+        if self.pending:
+            chunks, self.pending, self.pending_tokens = self.pending, [], 0
+            self.run_group(chunks)
+
+    def run_group(self, chunks: list[ChunkInputs]) -> None:
+        """Chunks in order, in one language-model forward when there are several (grouped
+        prefill: each layer attends them one at a time, see GROUP_FORWARD_TOKENS), else one
+        forward each when the family cannot join them."""
+        joined = chunks[0] if len(chunks) == 1 else self.adapter.join_chunks(chunks)
+        if joined is None:
+            for chunk in chunks:
+                self.run_group([chunk])
+            return
+        cache = self.cache
         layer = cache.layers[0]
-        carried = accounting.carried_before(cache.policy, layer.seen, layer.pinned)
-        mass = not layer.prefixing and accounting.mass_pass(
-            cache.policy, carried, layer.pinned, chunk.tokens)
+        seen = layer.seen
+        costs = []  # per chunk: what it will see and whether it measures masses, before the run
+        for chunk in chunks:
+            carried = accounting.carried_before(cache.policy, seen, layer.pinned)
+            costs.append((carried, not layer.prefixing and accounting.mass_pass(
+                cache.policy, carried, layer.pinned, chunk.tokens)))
+            seen += chunk.tokens
         started = time.perf_counter()
-        with self.serial.chunk(chunk.tokens, self.hidden):
-            forward_chunk(self.adapter, cache, chunk)
+        if len(chunks) > 1:
+            cache.begin_group([chunk.tokens for chunk in chunks])
+        try:
+            with self.serial.chunk(joined.tokens, self.hidden):
+                forward_chunk(self.adapter, cache, joined)
+        finally:
+            cache.end_group()
         self.watch.add("lm_prefill_seconds", started)
-        result.lm_prefill_flops += accounting.chunk_flops(
-            self.shape, chunk.tokens, carried, mass, cache.policy.bidirectional_scores)
-        result.full_lm_prefill_flops += accounting.chunk_flops(
-            self.shape, chunk.tokens, self.tokens_done, mass=False)
-        result.chunk_tokens.append(chunk.tokens)
-        self.tokens_done += chunk.tokens
-        result.frames += chunk.frames
-        self._emit()
+        result = self.result
+        for chunk, (carried, mass) in zip(chunks, costs):
+            result.lm_prefill_flops += accounting.chunk_flops(
+                self.shape, chunk.tokens, carried, mass, cache.policy.bidirectional_scores)
+            result.full_lm_prefill_flops += accounting.chunk_flops(
+                self.shape, chunk.tokens, self.tokens_done, mass=False)
+            result.chunk_tokens.append(chunk.tokens)
+            self.tokens_done += chunk.tokens
+            result.frames += chunk.frames
+            self._emit(len(chunks))
 
     def encode(self, frames, first: int) -> ChunkInputs:
-        offset = self.tokens_done
+        offset = self.tokens_done + self.pending_tokens  # after the chunks still queued
         started = time.perf_counter()
         if self.vision_flops_per_frame is None:
             # Vision cost per frame is the same for every frame of a video: count it once.
@@ -155,7 +201,7 @@ class _Loop:
         self.result.vision_flops += round(self.vision_flops_per_frame * chunk.frames)
         return chunk
 
-    def _emit(self) -> None:
+    def _emit(self, forward_chunks: int = 1) -> None:
         if self.on_event is None:
             return
         r = self.result
@@ -168,6 +214,7 @@ class _Loop:
             memory_bytes=self.memory.current() if self.memory else 0,
             peak_memory_bytes=self.memory.peak_bytes() if self.memory else 0,
             remaining_seconds=remaining(elapsed, r.frames, self.frames_total),
+            forward_chunks=forward_chunks,
         ))
 
 
@@ -188,6 +235,7 @@ def prefill_chunks(
     on_carried: Callable[[int, int, torch.Tensor], None] | None = None,
     full_forward_tokens: int | None = None,
     on_mass: Callable[[int, int, torch.Tensor], None] | None = None,
+    group_tokens: int | None = None,
 ) -> PrefillResult:
     """Prefill the prompt prefix and every chunk of frames; `chunks` yields FrameChunk-likes
     (`.frames` uint8 (n, H, W, 3), `.first`, `.timestamps`, optional `.skipped`).
@@ -200,7 +248,12 @@ def prefill_chunks(
     Observers (both off by default): `on_carried(layer, seen, kept_positions)` whenever a
     selecting policy keeps its carried state; `on_mass(layer, chunk_start, mass)` with every
     chunk's per-key attention mass (see `StateCache.observe_mass`); with `on_mass` set, `full`
-    keeps the chunks as they come, so the masses are per chunk."""
+    keeps the chunks as they come, so the masses are per chunk.
+
+    Other policies (window, statekv) run consecutive chunks in one language-model forward of at
+    most `group_tokens` tokens (default: GROUP_FORWARD_TOKENS bounded by free memory; 0: one
+    forward per chunk), each layer attending them one by one against its state: the same
+    results (`StateLayer.group`). Vision still runs chunk by chunk."""
     ensure_attention(adapter)
     prompt = adapter.prompt(system_prompt)
     reserve = adapter.start(frame_count, timestamps, prompt, frame_size=frame_size,
@@ -213,6 +266,9 @@ def prefill_chunks(
         if full_forward_tokens is None:
             full_forward_tokens = forward_tokens_cap(adapter, loop.shape)
         chunks = group_chunks(chunks, max(0, int(full_forward_tokens // max(1.0, per_frame))))
+        group_tokens = 0  # one grouped chunk is already one causal forward
+    elif group_tokens is None:
+        group_tokens = min(GROUP_FORWARD_TOKENS, forward_tokens_cap(adapter, loop.shape))
     loop.result = PrefillResult(cache=loop.cache, prompt=prompt,
                                 rotary_length=adapter.rotary_length(reserve + ANSWER_ROOM), plan={
         "frame_count": frame_count, "timestamps": [float(t) for t in timestamps],
@@ -238,7 +294,8 @@ def prefill_chunks(
             for frame_chunk in _timed(chunks, loop.watch):
                 _note_skipped(frame_chunk, loop.result.warnings)
                 loop.result.frame_timestamps.extend(frame_chunk.timestamps)
-                loop.run_chunk(loop.encode(frame_chunk.frames, frame_chunk.first))
+                loop.queue(loop.encode(frame_chunk.frames, frame_chunk.first), group_tokens)
+            loop.flush()
     finally:
         loop.serial.close()
         loop.cache.serial = None

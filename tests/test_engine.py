@@ -162,10 +162,10 @@ def test_window_carries_exactly_the_last_whole_frames(family, monkeypatch):
     visible = []
     original = StateLayer._recent
 
-    def spy(self, start):
-        keys, values = original(self, start)
-        if self.index == 0 and not self.answering:
-            visible.append(keys.shape[2] - (self.seen - start))  # keys before the chunk
+    def spy(self, start, end=None):
+        keys, values = original(self, start, end)
+        if self.index == 0 and not self.answering:  # keys before the chunk (of a grouped forward)
+            visible.append(keys.shape[2] - ((self.seen if end is None else end) - start))
         return keys, values
 
     monkeypatch.setattr(StateLayer, "_recent", spy)
@@ -363,11 +363,84 @@ def test_large_chunks_respect_the_memory_cap(family, monkeypatch):
     assert session.stats.frames == len(frames)
 
 
-def test_only_full_is_grouped(family, monkeypatch):
+def test_chunks_run_alone_without_grouped_forwards(family, monkeypatch):
+    monkeypatch.setattr(statekv.prefill, "GROUP_FORWARD_TOKENS", 0)
     sizes = _forward_sizes(monkeypatch)
     family.model.prefill_frames(family.frames, method="window", window_frames=2)
     unit = family.model.adapter.frames_per_unit
     assert len(sizes) == 1 + len(family.frames) // unit
+
+
+# grouped prefill: several chunks per forward, each layer attending them one by one ---------
+GROUPED_CASES = [
+    ("statekv", {"budget": 24}),
+    ("statekv", {"budget": 24, "pin_prefix": True}),
+    ("window", {"window_frames": 2}),
+    ("window", {"window_frames": 2, "pin_prefix": True}),
+    ("statekv", {"budget": 40, "chunk_frames": 4}),
+]
+
+
+def _run_observed(family, frames, method, options):
+    kept: list[tuple[int, int, list]] = []
+    masses: list[tuple[int, int, list]] = []
+    session = family.model.prefill_frames(
+        frames, method=method, **options,
+        on_carried=lambda layer, seen, positions: kept.append((layer, seen, positions.tolist())),
+        on_mass=lambda layer, start, mass: masses.append((layer, start, mass.shape)))
+    return session, kept, masses
+
+
+@pytest.mark.parametrize("method,options", GROUPED_CASES)
+def test_grouped_forwards_equal_one_forward_per_chunk(family, monkeypatch, method, options):
+    frames = np.concatenate([family.frames] * 2)
+    sizes = _forward_sizes(monkeypatch)
+    grouped, kept, masses = _run_observed(family, frames, method, options)
+    grouped_sizes = list(sizes)
+    sizes.clear()
+    monkeypatch.setattr(statekv.prefill, "GROUP_FORWARD_TOKENS", 0)
+    single, single_kept, single_masses = _run_observed(family, frames, method, options)
+    chunk_frames = options.get("chunk_frames", family.model.adapter.frames_per_unit)
+    assert len(sizes) == 1 + len(frames) // chunk_frames  # prefix, then one forward per chunk
+    assert len(grouped_sizes) < len(sizes) and sum(grouped_sizes) == sum(sizes)
+    # the same selections at every layer after every chunk, and the same masses measured (a
+    # grouped forward reports them layer by layer, so in another order)
+    def order(records):
+        return sorted(records, key=lambda r: (r[0], r[1]))
+
+    assert order(kept) == order(single_kept) and order(masses) == order(single_masses)
+    if method == "statekv":
+        assert kept  # the budget made it select
+    assert grouped.state.chunk_tokens == single.state.chunk_tokens
+    a, b = grouped.question_logits(QUESTION), single.question_logits(QUESTION)
+    assert (a - b).abs().max().item() < 1e-4
+    assert grouped.stats.lm_prefill_flops == single.stats.lm_prefill_flops
+    assert grouped.stats.carried_tokens == single.stats.carried_tokens
+    assert (grouped.ask([QUESTION], max_new_tokens=4)[0].token_ids
+            == single.ask([QUESTION], max_new_tokens=4)[0].token_ids)
+
+
+@pytest.mark.parametrize("variant", [{"decay": 0.5}, {"bidirectional": True}])
+def test_grouped_forwards_keep_scoring_variants_exact(tiny_model, frames, monkeypatch, variant):
+    from statekv.policies import StateKV
+
+    policy = StateKV(tokens=24, **variant)
+    grouped = tiny_model.prefill_frames(frames, method=policy)
+    monkeypatch.setattr(statekv.prefill, "GROUP_FORWARD_TOKENS", 0)
+    single = tiny_model.prefill_frames(frames, method=policy)
+    a, b = grouped.question_logits(QUESTION), single.question_logits(QUESTION)
+    assert (a - b).abs().max().item() < 1e-4
+    assert grouped.stats.lm_prefill_flops == single.stats.lm_prefill_flops
+
+
+def test_grouped_forwards_respect_their_token_cap(tiny_model, frames, monkeypatch):
+    sizes = _forward_sizes(monkeypatch)
+    tokens = tiny_model.adapter.tokens_per_frame(*frames.shape[1:3])
+    monkeypatch.setattr(statekv.prefill, "GROUP_FORWARD_TOKENS", 3 * tokens + 10)
+    events = []
+    tiny_model.prefill_frames(frames, method="statekv", budget=24, on_event=events.append)
+    assert max(sizes[1:]) <= 3 * tokens + 10 and len(sizes) > 2
+    assert [e.frames_done for e in events][1:] == list(range(1, len(frames) + 1))
 
 
 # issue 18: --dtype auto -----------------------------------------------------------------

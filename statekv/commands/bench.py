@@ -19,7 +19,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-import numpy as np
 import torch
 
 from statekv import accounting
@@ -104,14 +103,13 @@ def _run_once(adapter: SyntheticAdapter, policy: Policy, frame_count: int, chunk
         result = prefill_chunks(adapter, synthetic_chunks(frame_count, chunk_frames), policy,
                          frame_count=frame_count, timestamps=(), attention=attention,
                          on_event=events.append, memory=memory)
-    elapsed = [e.elapsed_seconds for e in events]  # events[0] is the text prefix
     flops = [e.lm_prefill_flops for e in events]
     capacity = policy.capacity
     fill = next((i for i, e in enumerate(events[1:])
                  if capacity is not None and e.carried_tokens >= capacity), 0)
     run = _Run(
         seconds=result.seconds.get("lm_prefill_seconds", 0.0),
-        chunk_seconds=list(np.diff(elapsed)),
+        chunk_seconds=chunk_seconds(events),
         lm_prefill_flops=result.lm_prefill_flops,
         full_lm_prefill_flops=result.full_lm_prefill_flops,
         last_chunk_flops=flops[-1] - flops[-2] if len(flops) > 1 else flops[-1],
@@ -122,6 +120,21 @@ def _run_once(adapter: SyntheticAdapter, policy: Policy, frame_count: int, chunk
     )
     del result, events
     return run
+
+
+def chunk_seconds(events: Sequence[PrefillEvent]) -> list[float]:
+    """Wall seconds per video chunk from a prefill's events (events[0] is the text prefix).
+    Chunks that shared one grouped forward report together at its end: each gets an equal
+    share of that forward's time."""
+    seconds: list[float] = []
+    before, index = events[0].elapsed_seconds, 1
+    while index < len(events):
+        count = max(1, events[index].forward_chunks)
+        last = events[min(len(events), index + count) - 1]
+        share = (last.elapsed_seconds - before) / count
+        seconds.extend([share] * min(count, len(events) - index))
+        before, index = last.elapsed_seconds, index + count
+    return seconds
 
 
 def flatness(chunk_seconds: Sequence[float], fill_chunk: int) -> tuple[float, float, float] | None:

@@ -183,6 +183,24 @@ class VideoAdapter(ABC):
     def token_chunk(self, token_ids: list[int], offset: int) -> ChunkInputs:
         """Already-tokenised text after the video (generated tokens) at token `offset`."""
 
+    def join_chunks(self, chunks: list[ChunkInputs]) -> ChunkInputs | None:
+        """Consecutive chunks as one language-model input (their tokens in order), for a
+        grouped prefill; None when this family cannot join them (the engine then runs them
+        one forward each). Families with `lm_kwargs` override this to merge theirs."""
+        if any(chunk.lm_kwargs for chunk in chunks):
+            return None
+        return joined_inputs(chunks, {})
+
     def embed(self, token_ids: list[int]) -> torch.Tensor:
         ids = torch.tensor([token_ids], dtype=torch.long, device=self.device)
         return self.model.get_input_embeddings()(ids)
+
+
+def joined_inputs(chunks: list[ChunkInputs], lm_kwargs: dict[str, Any]) -> ChunkInputs:
+    """Chunks' token ids, embeddings and positions laid end to end (positions' last axis is the
+    token axis in every layout: (1, tokens) or (3, 1, tokens))."""
+    return ChunkInputs(
+        token_ids=[token for chunk in chunks for token in chunk.token_ids],
+        inputs_embeds=torch.cat([chunk.inputs_embeds for chunk in chunks], dim=1),
+        position_ids=torch.cat([chunk.position_ids for chunk in chunks], dim=-1),
+        frames=sum(chunk.frames for chunk in chunks), lm_kwargs=lm_kwargs)

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from statekv.models.base import ChunkInputs, joined_inputs
 from statekv.models.mrope import MRopeVideoAdapter
 
 
@@ -63,3 +64,15 @@ class Qwen3VLAdapter(MRopeVideoAdapter):
         # DeepStack: one feature level per early decoder layer, for this chunk's video tokens.
         levels = [torch.cat(list(level)) for level in features.deepstack_features]
         return {"visual_pos_masks": video_mask, "deepstack_visual_embeds": levels}
+
+    def join_chunks(self, chunks: list[ChunkInputs]) -> ChunkInputs | None:
+        # The DeepStack masks run along the tokens and the features along the video tokens, in
+        # order: joining them end to end is what one call on all the chunks would give.
+        if not all(chunk.lm_kwargs for chunk in chunks):
+            return None
+        levels = len(chunks[0].lm_kwargs["deepstack_visual_embeds"])
+        return joined_inputs(chunks, {
+            "visual_pos_masks": torch.cat([c.lm_kwargs["visual_pos_masks"] for c in chunks], dim=-1),
+            "deepstack_visual_embeds": [
+                torch.cat([c.lm_kwargs["deepstack_visual_embeds"][level] for c in chunks])
+                for level in range(levels)]})
