@@ -97,6 +97,23 @@ def test_fast_path_attention_work_matches_its_count(monkeypatch, strategy, passe
     assert mass is not None and out.shape == query.shape
 
 
+def test_reverse_flash_attention_work_matches_its_count(monkeypatch):
+    # Output (QK^T + PV over every key), the kernel run backwards over the carried keys (QK^T
+    # and a discarded PV), and one QK^T block for the chunk's own keys.
+    monkeypatch.setattr(attention, "MASS_STRATEGY", "reverse-flash")
+    heads, kv_heads, q_len, carried, head_dim = 4, 2, 24, 200, 16
+    query = torch.randn(1, heads, q_len, head_dim)
+    key = torch.randn(1, kv_heads, carried + q_len, head_dim)
+    (out, mass), totals = _counted(attention.attend, query, key, torch.randn_like(key),
+                                   head_dim ** -0.5, True, "sdpa")
+    shape = accounting.LMShape(layers=1, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
+                               linear_params=0)
+    rectangle = accounting.attention_flops(shape, q_len, carried, causal=False)
+    own = accounting.attention_flops(shape, q_len, 0, causal=False)
+    assert _within(sum(totals.values()), 2 * rectangle - own // 2)
+    assert mass is not None and out.shape == query.shape
+
+
 def test_full_prefill_flops_is_quadratic_and_linear_layers_are_per_token():
     shape = accounting.LMShape.from_config(text_config(ARCH))
     one = accounting.full_prefill_flops(shape, [64] * 10)

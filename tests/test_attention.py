@@ -67,7 +67,7 @@ def test_fused_output_and_two_pass_mass_match_eager(shape, block_entries):
                                rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("strategy", ["auto", "one-pass", "two-pass"])
+@pytest.mark.parametrize("strategy", ["auto", "one-pass", "two-pass", "reverse-flash"])
 @pytest.mark.parametrize("heads,kv_heads,q_len,carried", [
     (4, 2, 64, 1024),  # the benchmark's shape: a frame against a full budget
     (14, 2, 17, 300),  # InternVL3-1B's heads, a chunk shorter than a frame
@@ -84,6 +84,36 @@ def test_attend_matches_eager_with_and_without_mass(monkeypatch, strategy, heads
     out, mass = attention.attend(query, key, value, scale, False, "sdpa")
     assert mass is None
     _assert_close(out, None, ref_out, None)
+
+
+@settings(max_examples=30, deadline=None)
+@given(shapes)
+def test_reverse_flash_mass_matches_eager(shape):
+    (heads, kv_heads), q_len, carried, head_dim, seed = shape
+    query, key, value, scale = _inputs(heads, kv_heads, q_len, carried, head_dim, seed)
+    out, lse = attention.fused_attention(query, key, value, scale)
+    mass = attention.reverse_flash_mass(query, key, lse, scale)
+    _assert_close(out, mass, *_reference(query, key, value, scale))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_reverse_flash_mass_keeps_float32_precision_in_reduced_dtypes(dtype):
+    # The kernel accumulates scores in float32 from the reduced-precision inputs, as the float32
+    # reference does from the same (rounded) inputs: the masses agree far below bf16's 4e-3.
+    query, key, value, scale = _inputs(9, 3, 75, 1024, 64, seed=4, dtype=dtype)
+    _, ref_mass = _reference(query.float(), key.float(), value.float(), scale)
+    _, lse = attention.fused_attention(query, key, value, scale)
+    mass = attention.reverse_flash_mass(query, key, lse, scale)
+    assert mass.dtype == torch.float32
+    assert ((mass - ref_mass).abs() / ref_mass).max().item() < 2e-4
+
+
+def test_auto_mass_strategy_by_device_and_dtype():
+    query = torch.zeros(1, 2, 3, 8)
+    assert attention._mass_strategy(query) == "one-pass"
+    assert attention._mass_strategy(query.bfloat16()) == "reverse-flash"
+    assert attention._mass_strategy(query.half()) == "reverse-flash"
+    assert attention._mass_strategy(query.to("meta")) == "two-pass"
 
 
 def test_masses_sum_to_the_number_of_queries():
