@@ -262,7 +262,7 @@ def reverse_flash_mass(query, key, lse, scaling) -> torch.Tensor:
     float32 from the model's dtype), so exp() of it is the mass; its output is discarded. The
     chunk's own keys (a small causal square) come from one float32 block (`key_mass`).
     """
-    _, heads, q_len, _ = query.shape
+    q_len = query.shape[2]
     kv_heads, k_len = key.shape[1], key.shape[-2]
     carried = k_len - q_len
     mass = torch.empty(kv_heads, k_len, dtype=torch.float32, device=key.device)
