@@ -17,9 +17,9 @@ Two implementations:
   precision ones; there the fused kernel gives the output and log-sum-exp, and the masses come
   from the same kernel run backwards (`reverse_flash_mass`: each carried key as a query over
   the chunk's queries with -lse as a bias; its log-sum-exp is the key's log mass), ~2.3x
-  faster than the float32 mass pass at a frame against 1,024 carried keys. Elsewhere (CUDA) the fused kernel
-  gives the output and the log-sum-exp, then a blocked second pass over keys sums
-  exp(score - lse) per key (`fused_attention` + `key_mass`, also tested on the CPU).
+  faster than the float32 mass pass at a frame against 1,024 carried keys. Elsewhere (CUDA)
+  the fused kernel gives the output and the log-sum-exp, then a blocked second pass over keys
+  sums exp(score - lse) per key (`fused_attention` + `key_mass`, also tested on the CPU).
 - ``eager``: explicit float32 softmax, the numerical reference whose matmuls torch's FLOP
   counter can see. Tests hold the fast path to it.
 
