@@ -81,9 +81,21 @@ def test_prefill_counts_match_the_counter_on_the_eager_path(adapter, method):
         accounting.mass_flops(shape, t, c) for t, c, m in zip(chunks, carried, mass) if m)
 
 
-@pytest.mark.parametrize("strategy,passes", [("two-pass", 3), ("one-pass", 2)])
-def test_fast_path_attention_work_matches_its_count(monkeypatch, strategy, passes):
-    # passes: QK^T-sized matmuls per layer: output (QK^T + PV) plus the mass pass if separate.
+def _attention_work(strategy: str, shape, q_len: int, carried: int) -> int:
+    """FLOPs each fast path multiplies for one chunk with masses."""
+    rectangle = accounting.attention_flops(shape, q_len, carried, causal=False)  # QK^T + PV
+    if strategy == "one-pass":  # the masses come out of the output's own softmax
+        return rectangle
+    if strategy == "two-pass":  # plus one QK^T pass for the masses
+        return rectangle * 3 // 2
+    # reverse-flash: the kernel run backwards over the carried keys (QK^T and a discarded PV),
+    # and one QK^T block for the chunk's own keys
+    own = accounting.attention_flops(shape, q_len, 0, causal=False)
+    return 2 * rectangle - own // 2
+
+
+@pytest.mark.parametrize("strategy", ["two-pass", "one-pass", "reverse-flash"])
+def test_fast_path_attention_work_matches_its_count(monkeypatch, strategy):
     monkeypatch.setattr(attention, "MASS_STRATEGY", strategy)
     heads, kv_heads, q_len, carried, head_dim = 4, 2, 24, 200, 16
     query = torch.randn(1, heads, q_len, head_dim)
@@ -92,25 +104,7 @@ def test_fast_path_attention_work_matches_its_count(monkeypatch, strategy, passe
                                    head_dim ** -0.5, True, "sdpa")
     shape = accounting.LMShape(layers=1, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
                                linear_params=0)
-    expected = accounting.attention_flops(shape, q_len, carried, causal=False) * passes // 2
-    assert _within(sum(totals.values()), expected)
-    assert mass is not None and out.shape == query.shape
-
-
-def test_reverse_flash_attention_work_matches_its_count(monkeypatch):
-    # Output (QK^T + PV over every key), the kernel run backwards over the carried keys (QK^T
-    # and a discarded PV), and one QK^T block for the chunk's own keys.
-    monkeypatch.setattr(attention, "MASS_STRATEGY", "reverse-flash")
-    heads, kv_heads, q_len, carried, head_dim = 4, 2, 24, 200, 16
-    query = torch.randn(1, heads, q_len, head_dim)
-    key = torch.randn(1, kv_heads, carried + q_len, head_dim)
-    (out, mass), totals = _counted(attention.attend, query, key, torch.randn_like(key),
-                                   head_dim ** -0.5, True, "sdpa")
-    shape = accounting.LMShape(layers=1, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
-                               linear_params=0)
-    rectangle = accounting.attention_flops(shape, q_len, carried, causal=False)
-    own = accounting.attention_flops(shape, q_len, 0, causal=False)
-    assert _within(sum(totals.values()), 2 * rectangle - own // 2)
+    assert _within(sum(totals.values()), _attention_work(strategy, shape, q_len, carried))
     assert mass is not None and out.shape == query.shape
 
 

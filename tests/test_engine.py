@@ -314,6 +314,15 @@ def _forward_sizes(monkeypatch):
     return sizes
 
 
+def _assert_same_results(one, other):
+    """Two prefills of the same video that must not differ: logits, LM FLOPs, answers."""
+    a, b = one.question_logits(QUESTION), other.question_logits(QUESTION)
+    assert (a - b).abs().max().item() < 1e-4
+    assert one.stats.lm_prefill_flops == other.stats.lm_prefill_flops
+    assert (one.ask([QUESTION], max_new_tokens=4)[0].token_ids
+            == other.ask([QUESTION], max_new_tokens=4)[0].token_ids)
+
+
 def test_full_in_large_chunks_equals_full_chunk_by_chunk(family, monkeypatch):
     frames = np.concatenate([family.frames] * 2)
     unit = family.model.adapter.frames_per_unit
@@ -330,12 +339,8 @@ def test_full_in_large_chunks_equals_full_chunk_by_chunk(family, monkeypatch):
     assert len(grouped_sizes) < len(sizes)  # fewer, larger forwards ...
     assert sum(grouped_sizes) == sum(sizes)  # ... over the same tokens
     assert chunked.state.frame_timestamps == single.state.frame_timestamps
-    a, b = chunked.question_logits(QUESTION), single.question_logits(QUESTION)
-    assert (a - b).abs().max().item() < 1e-4
-    assert chunked.stats.lm_prefill_flops == single.stats.lm_prefill_flops
+    _assert_same_results(chunked, single)
     assert chunked.stats.vision_flops == single.stats.vision_flops
-    assert (chunked.ask([QUESTION], max_new_tokens=4)[0].token_ids
-            == single.ask([QUESTION], max_new_tokens=4)[0].token_ids)
 
 
 def test_large_chunks_respect_the_memory_cap(family, monkeypatch):
@@ -412,12 +417,8 @@ def test_grouped_forwards_equal_one_forward_per_chunk(family, monkeypatch, metho
     if method == "statekv":
         assert kept  # the budget made it select
     assert grouped.state.chunk_tokens == single.state.chunk_tokens
-    a, b = grouped.question_logits(QUESTION), single.question_logits(QUESTION)
-    assert (a - b).abs().max().item() < 1e-4
-    assert grouped.stats.lm_prefill_flops == single.stats.lm_prefill_flops
+    _assert_same_results(grouped, single)
     assert grouped.stats.carried_tokens == single.stats.carried_tokens
-    assert (grouped.ask([QUESTION], max_new_tokens=4)[0].token_ids
-            == single.ask([QUESTION], max_new_tokens=4)[0].token_ids)
 
 
 @pytest.mark.parametrize("variant", [{"decay": 0.5}, {"bidirectional": True}])
