@@ -258,3 +258,21 @@ def test_lockers_training_defaults_give_heads_of_32(tmp_path):
     assert config["num_attention_heads"] == 2
     assert config["hidden_size"] // config["num_attention_heads"] == 32
     assert summary["arch"]["image_size"] == 64 and summary["steps_done"] == 2
+
+
+def test_training_schedules():
+    # cosine: the old schedule (warmup, then a decay from the first step); wsd holds the peak
+    # until the decay share begins, then falls to the same 5% floor; both start on the warmup.
+    train_demo = _train_module()
+    steps = 1000
+    cosine = [train_demo.lr_factor(s, steps) for s in range(steps)]
+    wsd = [train_demo.lr_factor(s, steps, "wsd", 0.2) for s in range(steps)]
+    assert cosine[0] == wsd[0] < 0.1
+    assert all(abs(w - 1.0) < 1e-12 for w in wsd[100:800])
+    assert all(a >= b for a, b in zip(wsd[800:], wsd[801:]))  # decays monotonically
+    assert abs(wsd[-1] - 0.05) < 1e-3 and abs(cosine[-1] - 0.05) < 1e-3
+    assert cosine[500] < 0.6 < wsd[500]
+    with pytest.raises(ValueError):
+        train_demo.lr_factor(0, steps, "linear")
+    with pytest.raises(SystemExit):  # a bad share is a usage error, before any training
+        train_demo.main(["--task", "lockers", "--schedule", "wsd", "--decay-fraction", "1.5"])

@@ -253,6 +253,23 @@ def length_at(step: int, steps: int, curriculum=None) -> int:
     return curriculum[-1][1]
 
 
+def lr_factor(step: int, steps: int, schedule: str = "cosine", decay_fraction: float = 0.2) -> float:
+    """The learning rate at `step` as a fraction of the peak: a linear warmup (100 steps at
+    most), then "cosine" (decay from the first step to 5% at the end) or "wsd" (warmup, stable,
+    decay: the peak held until the last `decay_fraction` of the steps, then a cosine to 5%), which
+    keeps the full rate through a curriculum's late, long stages."""
+    warmup = max(1, min(100, steps // 10))
+    ramp = min(1.0, (step + 1) / warmup)
+    if schedule == "cosine":
+        progress = min(1.0, step / max(1, steps))
+    elif schedule == "wsd":
+        start = (1 - decay_fraction) * steps
+        progress = min(1.0, max(0.0, step - start) / max(1.0, decay_fraction * steps))
+    else:
+        raise ValueError(f"unknown schedule {schedule!r}")
+    return ramp * (0.5 * (1 + math.cos(math.pi * progress))) * 0.95 + 0.05
+
+
 def accuracy(model, layout, processor, frames: int, videos: int, isolated: bool = False,
              batch: int = 8, task: str = "slots") -> dict[str, float]:
     """Held-out (test split) first-answer-token accuracy per question kind, full attention;
@@ -292,7 +309,8 @@ def train(out: Path, steps: int = 10000, batch: int = 8, lr: float = 3e-3, seed:
           eval_videos: int = 64, log=print, threads: int | None = None,
           aux_weight: float = 0.5, curriculum=None, aux: str = "slots", arch=None,
           eval_every: int = 0, task: str = "slots", eval_frames: int | None = None,
-          max_cpu_seconds: float | None = None, max_wall_seconds: float | None = None) -> dict:
+          max_cpu_seconds: float | None = None, max_wall_seconds: float | None = None,
+          lr_schedule: str = "cosine", decay_fraction: float = 0.2) -> dict:
     """Train, save the checkpoint to `out`, return a summary (losses, accuracies, seconds)."""
     if threads:
         torch.set_num_threads(threads)
@@ -307,9 +325,8 @@ def train(out: Path, steps: int = 10000, batch: int = 8, lr: float = 3e-3, seed:
         model, processor = build_base(Path(tmp), seed, arch)
     layout = Layout(model, processor)
     optim = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
-    warmup = max(1, min(100, steps // 10))
-    schedule = torch.optim.lr_scheduler.LambdaLR(optim, lambda s: min(1.0, (s + 1) / warmup) * (
-        0.5 * (1 + math.cos(math.pi * min(1.0, s / max(1, steps))))) * 0.95 + 0.05)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optim, lambda s: lr_factor(s, steps, lr_schedule, decay_fraction))
     losses, answer_losses, aux_losses = [], [], []
     model.train()
     for step in range(steps):
@@ -353,7 +370,9 @@ def train(out: Path, steps: int = 10000, batch: int = 8, lr: float = 3e-3, seed:
     else:
         steps_done = steps
     model.eval()
-    summary = {"task": task, "steps": steps, "steps_done": steps_done, "batch": batch, "lr": lr, "seed": seed, "aux_weight": aux_weight,
+    summary = {"task": task, "steps": steps, "steps_done": steps_done, "batch": batch, "lr": lr, "lr_schedule": lr_schedule,
+               **({"decay_fraction": decay_fraction} if lr_schedule == "wsd" else {}),
+               "seed": seed, "aux_weight": aux_weight,
                "aux": aux, "arch": {**ARCH, **(arch or {})}, "curriculum": curriculum or CURRICULUM,
                "first_loss": losses[0], "last_loss": float(np.mean(losses[-20:])), "losses": losses,
                "cpu_seconds": time.process_time() - started,
@@ -417,9 +436,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="layers of the tiny vision tower (default: 1)")
     parser.add_argument("--rope-theta", type=float, default=None,
                         help="the language model's rotary base (default: 1e6, as Qwen2)")
+    parser.add_argument("--schedule", choices=("cosine", "wsd"), default="cosine",
+                        help="learning-rate schedule: cosine decay over all steps, or wsd "
+                             "(warmup, stable, then a cosine decay over --decay-fraction)")
+    parser.add_argument("--decay-fraction", type=float, default=0.2,
+                        help="with --schedule wsd: the share of the steps spent decaying")
     parser.add_argument("--curriculum", default=None,
                         help="frames:until-fraction pairs, e.g. 8:0.3,16:0.6,32:1.0")
     args = parser.parse_args(argv)
+    if not 0 < args.decay_fraction <= 1:
+        parser.error(f"--decay-fraction must lie in (0, 1], not {args.decay_fraction}")
     for name, value in TASK_DEFAULTS[args.task].items():
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -437,7 +463,8 @@ def main(argv: list[str] | None = None) -> int:
                 **({"vision_layers": args.vision_layers} if args.vision_layers else {})},
           task=args.task, eval_frames=args.eval_frames,
           max_cpu_seconds=args.max_cpu_minutes * 60 if args.max_cpu_minutes else None,
-          max_wall_seconds=args.max_wall_minutes * 60 if args.max_wall_minutes else None)
+          max_wall_seconds=args.max_wall_minutes * 60 if args.max_wall_minutes else None,
+          lr_schedule=args.schedule, decay_fraction=args.decay_fraction)
     return 0
 
 
