@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -137,13 +138,23 @@ def test_demo_preset_resolves_to_the_shipped_checkpoint():
     assert weights.stat().st_size < 5 * 2**20
 
 
-def test_demo_preset_architecture_matches_the_shipped_weights():
+@pytest.mark.parametrize("name", ["demo", "demo-lockers"])
+def test_demo_preset_architecture_matches_the_shipped_weights(name):
     # the preset's numbers feed FLOPs and memory predictions before any weights load
-    from statekv.demo.evaluation import demo_checkpoint
+    from statekv.loading import resolve_checkpoint
     from statekv.presets import load_preset
 
-    config = json.loads((Path(demo_checkpoint()) / "config.json").read_text())["text_config"]
-    arch = load_preset("demo").architecture
+    preset = load_preset(name)
+    checkpoint = Path(resolve_checkpoint(preset.model))
+    assert (checkpoint / "model.safetensors").stat().st_size < 5 * 2**20  # small in the wheel
+    config = json.loads((checkpoint / "config.json").read_text())
+    vision = config["vision_config"]
+    assert preset.architecture.frame_size == vision["image_size"][0]
+    rope = config["text_config"]["rope_parameters"]
+    assert preset.rope["rope_theta"] == rope["rope_theta"]
+    config = config["text_config"]
+    assert preset.trained_positions == config["max_position_embeddings"]
+    arch = preset.architecture
     assert (arch.layers, arch.hidden, arch.heads, arch.kv_heads, arch.intermediate, arch.vocab) == (
         config["num_hidden_layers"], config["hidden_size"], config["num_attention_heads"],
         config["num_key_value_heads"], config["intermediate_size"], config["vocab_size"])
@@ -276,3 +287,29 @@ def test_training_schedules():
         train_demo.lr_factor(0, steps, "linear")
     with pytest.raises(SystemExit):  # a bad share is a usage error, before any training
         train_demo.main(["--task", "lockers", "--schedule", "wsd", "--decay-fraction", "1.5"])
+
+
+def test_aux_layer_moves_only_the_auxiliary_read_out(tmp_path):
+    # --aux-layer K: the auxiliary targets read the residual stream after K layers; the answer
+    # positions still read the last layer, so their logits do not change.
+    import torch
+
+    from statekv.demo import lockers
+
+    train_demo = _train_module()
+    with tempfile.TemporaryDirectory() as tmp:
+        model, processor = train_demo.build_base(Path(tmp), 0, {**train_demo.LOCKERS_ARCH,
+                                                              "kv_heads": 2})
+    layout = train_demo.Layout(model, processor)
+    videos = [lockers.generate_video(8, lockers.split_seed("train", 0, 8))]
+    with torch.no_grad():
+        last = train_demo.forward(model, layout, processor, videos, aux="lockers", causal=True)
+        early = train_demo.forward(model, layout, processor, videos, aux="lockers", causal=True,
+                                   aux_layer=2)
+        same = train_demo.forward(model, layout, processor, videos, aux="lockers", causal=True,
+                                  aux_layer=model.config.text_config.num_hidden_layers)
+    assert torch.equal(last[1], early[1]) and torch.equal(last[2], early[2])
+    answers = (last[2] >= 0) | (last[1] == layout.eos)
+    assert torch.allclose(last[0][answers], early[0][answers])
+    assert not torch.allclose(last[0][~answers], early[0][~answers])
+    assert torch.equal(same[0], last[0])  # K = the last layer is the default read-out

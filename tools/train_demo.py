@@ -217,13 +217,17 @@ def _frame_colours(video) -> list[str | None]:
 
 
 def forward(model, layout: Layout, processor, videos, isolated: bool = False, aux: str | None = None,
-            causal: bool = False):
+            causal: bool = False, aux_layer: int | None = None):
     """Logits at the supervised positions, their targets and question kinds (-1: not a question).
 
     `causal` (the lockers task's training): one plain causal sequence, the fused kernel and no
     mask tensor (O(length) memory, not O(length^2)); the question blocks then also see the
     earlier questions of their video (at inference each sees only the video), a small
-    mismatch bought for a several-fold cheaper step."""
+    mismatch bought for a several-fold cheaper step.
+
+    `aux_layer` K: the auxiliary targets are read from the residual stream after K decoder
+    layers (through the final norm and the output head) instead of after the last, so what a
+    frame's tokens fetch is in place early enough for the question's later layers to read it."""
     ids, pos, mask, targets, kinds = build_batch(videos, layout, isolated, aux, not causal)
     embeds = model.get_input_embeddings()(ids)
     frames = np.concatenate([v.frames for v in videos])
@@ -236,11 +240,17 @@ def forward(model, layout: Layout, processor, videos, isolated: bool = False, au
     features = features.reshape(-1, features.shape[-1])
     image = ids == layout.context_id
     embeds = embeds.masked_scatter(image.unsqueeze(-1), features.to(embeds.dtype))
-    hidden = model.model.language_model(
-        inputs_embeds=embeds, position_ids=pos,
-        attention_mask={"full_attention": mask, "sliding_attention": mask},
-        use_cache=False).last_hidden_state
+    lm = model.model.language_model
+    result = lm(inputs_embeds=embeds, position_ids=pos,
+                attention_mask={"full_attention": mask, "sliding_attention": mask},
+                use_cache=False, output_hidden_states=aux_layer is not None)
+    hidden = result.last_hidden_state
     supervised = targets != -100
+    # hidden_states: the embeddings, then each layer's output (the last one already normed)
+    if aux_layer is not None and aux_layer < len(result.hidden_states) - 1:
+        auxiliary = supervised & (kinds < 0) & (targets != layout.eos)
+        hidden = torch.where(auxiliary.unsqueeze(-1), lm.norm(result.hidden_states[aux_layer]),
+                             hidden)
     logits = model.get_output_embeddings()(hidden[supervised])
     return logits, targets[supervised], kinds[supervised]
 
@@ -310,7 +320,8 @@ def train(out: Path, steps: int = 10000, batch: int = 8, lr: float = 3e-3, seed:
           aux_weight: float = 0.5, curriculum=None, aux: str = "slots", arch=None,
           eval_every: int = 0, task: str = "slots", eval_frames: int | None = None,
           max_cpu_seconds: float | None = None, max_wall_seconds: float | None = None,
-          lr_schedule: str = "cosine", decay_fraction: float = 0.2) -> dict:
+          lr_schedule: str = "cosine", decay_fraction: float = 0.2,
+          aux_layer: int | None = None) -> dict:
     """Train, save the checkpoint to `out`, return a summary (losses, accuracies, seconds)."""
     if threads:
         torch.set_num_threads(threads)
@@ -335,7 +346,7 @@ def train(out: Path, steps: int = 10000, batch: int = 8, lr: float = 3e-3, seed:
                 for b in range(batch)]
         logits, targets, kinds = forward(model, layout, processor, vids,
                                          aux=aux if aux_weight > 0 else None,
-                                         causal=task == "lockers")
+                                         causal=task == "lockers", aux_layer=aux_layer)
         per_token = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
         question = kinds >= 0
         answers = question | (targets == layout.eos)
@@ -373,6 +384,7 @@ def train(out: Path, steps: int = 10000, batch: int = 8, lr: float = 3e-3, seed:
     summary = {"task": task, "steps": steps, "steps_done": steps_done, "batch": batch, "lr": lr, "lr_schedule": lr_schedule,
                **({"decay_fraction": decay_fraction} if lr_schedule == "wsd" else {}),
                "seed": seed, "aux_weight": aux_weight,
+               **({"aux_layer": aux_layer} if aux_layer is not None else {}),
                "aux": aux, "arch": {**ARCH, **(arch or {})}, "curriculum": curriculum or CURRICULUM,
                "first_loss": losses[0], "last_loss": float(np.mean(losses[-20:])), "losses": losses,
                "cpu_seconds": time.process_time() - started,
@@ -427,6 +439,9 @@ def main(argv: list[str] | None = None) -> int:
                              "slot's colour at each event frame's last token; lockers: every "
                              "locker token's current colour (default: slots, or lockers for "
                              "--task lockers)")
+    parser.add_argument("--aux-layer", type=int, default=None,
+                        help="read the auxiliary targets after this many decoder layers "
+                             "(default: after the last)")
     parser.add_argument("--eval-every", type=int, default=0,
                         help="log held-out accuracy (full and isolated) every N steps")
     parser.add_argument("--hidden", type=int, default=ARCH["hidden"])
@@ -446,6 +461,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not 0 < args.decay_fraction <= 1:
         parser.error(f"--decay-fraction must lie in (0, 1], not {args.decay_fraction}")
+    if args.aux_layer is not None and not 1 <= args.aux_layer <= args.layers:
+        parser.error(f"--aux-layer must lie in 1..{args.layers} (--layers), not {args.aux_layer}")
     for name, value in TASK_DEFAULTS[args.task].items():
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -464,7 +481,7 @@ def main(argv: list[str] | None = None) -> int:
           task=args.task, eval_frames=args.eval_frames,
           max_cpu_seconds=args.max_cpu_minutes * 60 if args.max_cpu_minutes else None,
           max_wall_seconds=args.max_wall_minutes * 60 if args.max_wall_minutes else None,
-          lr_schedule=args.schedule, decay_fraction=args.decay_fraction)
+          lr_schedule=args.schedule, decay_fraction=args.decay_fraction, aux_layer=args.aux_layer)
     return 0
 
 
