@@ -313,3 +313,38 @@ def test_aux_layer_moves_only_the_auxiliary_read_out(tmp_path):
     assert torch.allclose(last[0][answers], early[0][answers])
     assert not torch.allclose(last[0][~answers], early[0][~answers])
     assert torch.equal(same[0], last[0])  # K = the last layer is the default read-out
+
+
+def test_questions_apart_equal_the_masked_layout(tmp_path):
+    # --questions apart (the video once, each question its own row against the video's keys and
+    # values) computes what the masked layout does (each question sees the video and itself,
+    # at the same positions): the inference layout, without the dense mask.
+    import torch
+
+    from statekv.demo import lockers
+
+    train_demo = _train_module()
+    with tempfile.TemporaryDirectory() as tmp:
+        model, processor = train_demo.build_base(Path(tmp), 0, {**train_demo.LOCKERS_ARCH,
+                                                              "kv_heads": 2})
+    layout = train_demo.Layout(model, processor)
+    videos = [lockers.generate_video(12, lockers.split_seed("train", b, 12)) for b in range(2)]
+    with torch.no_grad():
+        apart = train_demo.forward_apart(model, layout, processor, videos, aux="lockers")
+        masked = train_demo.forward(model, layout, processor, videos, aux="lockers")
+        causal = train_demo.forward(model, layout, processor, videos, aux="lockers", causal=True)
+
+    def split(result):  # (answer logits, their targets), (other logits, their targets)
+        logits, targets, kinds = result
+        answers = kinds >= 0
+        return (logits[answers], targets[answers]), (logits[~answers], targets[~answers])
+
+    (a_ans, a_t), (a_rest, a_rt) = split(apart)
+    (m_ans, m_t), (m_rest, m_rt) = split(masked)
+    assert torch.equal(a_t, m_t) and len(a_t) == sum(len(v.questions) for v in videos)
+    assert torch.allclose(a_ans, m_ans, atol=1e-5)
+    order = lambda t: torch.sort(t.sum(-1)).values  # noqa: E731 (rows come in another order)
+    assert torch.equal(torch.sort(a_rt).values, torch.sort(m_rt).values)
+    assert torch.allclose(order(a_rest), order(m_rest), atol=1e-3)
+    # the one-sequence layout differs: its later questions also see the earlier ones
+    assert not torch.allclose(split(causal)[0][0], m_ans, atol=1e-5)

@@ -216,6 +216,68 @@ def _frame_colours(video) -> list[str | None]:
             for e, colours in zip(video.events, synthetic.slot_colours(video.events))]
 
 
+def forward_apart(model, layout: Layout, processor, videos, aux: str | None = None,
+                  aux_layer: int | None = None):
+    """As `forward`, with each question apart: the video runs once (one plain causal sequence,
+    its keys and values kept), then every question runs as its own batch row against its
+    video's keys and values, at the positions inference gives it. That is exactly what
+    `Session.ask` computes (no question sees another), at the cost of one short extra forward."""
+    rows, blocks, owners = [], [], []
+    for b, v in enumerate(videos):
+        ids = list(layout.prefix)
+        targets = [-100] * len(ids)
+        for i, target in enumerate(_aux_targets(v, aux, layout)):
+            ids += layout.frame(i)
+            targets += target
+        rows.append((ids, targets))
+        for q in v.questions:
+            qids = layout.question(q.text) + [layout.answer(q.answer)]
+            blocks.append((qids + [layout.eos], len(qids), synthetic.KINDS.index(q.kind)))
+            owners.append(b)
+    video_len = len(rows[0][0])
+    assert all(len(ids) == video_len for ids, _ in rows), "a batch's videos must be equally long"
+    ids_v = torch.tensor([ids for ids, _ in rows])
+    tgt_v = torch.tensor([t for _, t in rows])
+    embeds = model.get_input_embeddings()(ids_v)
+    frames = np.concatenate([v.frames for v in videos])
+    cfg = model.config
+    features = model.model.get_image_features(
+        pixel_values=pixel_values(frames, processor),
+        vision_feature_layer=cfg.vision_feature_layer,
+        vision_feature_select_strategy=cfg.vision_feature_select_strategy,
+        return_dict=True).pooler_output
+    features = features.reshape(-1, features.shape[-1])
+    image = ids_v == layout.context_id
+    embeds = embeds.masked_scatter(image.unsqueeze(-1), features.to(embeds.dtype))
+    lm = model.model.language_model
+    pos_v = torch.arange(video_len).expand(len(videos), -1)
+    result = lm(inputs_embeds=embeds, position_ids=pos_v, use_cache=True,
+                output_hidden_states=aux_layer is not None)
+    hidden_v = result.last_hidden_state
+    if aux_layer is not None and aux_layer < len(result.hidden_states) - 1:
+        hidden_v = lm.norm(result.hidden_states[aux_layer])
+    cache = result.past_key_values
+    cache.batch_select_indices(torch.tensor(owners))  # one copy of its video per question
+    width = max(len(ids) for ids, _, _ in blocks)
+    ids_q = torch.full((len(blocks), width), layout.eos, dtype=torch.long)
+    tgt_q = torch.full((len(blocks), width), -100, dtype=torch.long)
+    kind_q = torch.full((len(blocks), width), -1, dtype=torch.long)
+    for j, (ids, answer_at, kind) in enumerate(blocks):
+        ids_q[j, :len(ids)] = torch.tensor(ids)
+        # the last question token predicts the answer, the answer predicts the end of turn
+        tgt_q[j, answer_at - 2], tgt_q[j, answer_at - 1] = ids[answer_at - 1], layout.eos
+        kind_q[j, answer_at - 2] = kind
+    pos_q = torch.arange(video_len, video_len + width).expand(len(blocks), -1)
+    hidden_q = lm(inputs_embeds=model.get_input_embeddings()(ids_q), position_ids=pos_q,
+                  past_key_values=cache, use_cache=True).last_hidden_state
+    head = model.get_output_embeddings()
+    seen_v, seen_q = tgt_v != -100, tgt_q != -100
+    logits = torch.cat([head(hidden_v[seen_v]), head(hidden_q[seen_q])])
+    targets = torch.cat([tgt_v[seen_v], tgt_q[seen_q]])
+    kinds = torch.cat([torch.full((int(seen_v.sum()),), -1, dtype=torch.long), kind_q[seen_q]])
+    return logits, targets, kinds
+
+
 def forward(model, layout: Layout, processor, videos, isolated: bool = False, aux: str | None = None,
             causal: bool = False, aux_layer: int | None = None):
     """Logits at the supervised positions, their targets and question kinds (-1: not a question).
@@ -289,8 +351,10 @@ def accuracy(model, layout, processor, frames: int, videos: int, isolated: bool 
     with torch.no_grad():
         for start in range(0, videos, max(1, batch)):
             vids = TASKS[task].split_videos("test", min(batch, videos - start), frames, start)
-            logits, targets, kinds = forward(model, layout, processor, vids, isolated,
-                                             causal=task == "lockers" and not isolated)
+            if task == "lockers" and not isolated:  # each question apart, as at inference
+                logits, targets, kinds = forward_apart(model, layout, processor, vids)
+            else:
+                logits, targets, kinds = forward(model, layout, processor, vids, isolated)
             answer = kinds >= 0
             right = logits[answer].argmax(-1) == targets[answer]
             ages = [getattr(q, "evidence_age", 0) for v in vids for q in v.questions]
@@ -321,7 +385,7 @@ def train(out: Path, steps: int = 10000, batch: int = 8, lr: float = 3e-3, seed:
           eval_every: int = 0, task: str = "slots", eval_frames: int | None = None,
           max_cpu_seconds: float | None = None, max_wall_seconds: float | None = None,
           lr_schedule: str = "cosine", decay_fraction: float = 0.2,
-          aux_layer: int | None = None) -> dict:
+          aux_layer: int | None = None, questions: str = "causal") -> dict:
     """Train, save the checkpoint to `out`, return a summary (losses, accuracies, seconds)."""
     if threads:
         torch.set_num_threads(threads)
@@ -344,9 +408,14 @@ def train(out: Path, steps: int = 10000, batch: int = 8, lr: float = 3e-3, seed:
         frames = length_at(step, steps, curriculum)
         vids = [tasks.generate_video(frames, tasks.split_seed("train", step * batch + b, frames))
                 for b in range(batch)]
-        logits, targets, kinds = forward(model, layout, processor, vids,
-                                         aux=aux if aux_weight > 0 else None,
-                                         causal=task == "lockers", aux_layer=aux_layer)
+        if questions == "apart":
+            logits, targets, kinds = forward_apart(model, layout, processor, vids,
+                                                   aux=aux if aux_weight > 0 else None,
+                                                   aux_layer=aux_layer)
+        else:
+            logits, targets, kinds = forward(model, layout, processor, vids,
+                                             aux=aux if aux_weight > 0 else None,
+                                             causal=task == "lockers", aux_layer=aux_layer)
         per_token = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
         question = kinds >= 0
         answers = question | (targets == layout.eos)
@@ -385,6 +454,7 @@ def train(out: Path, steps: int = 10000, batch: int = 8, lr: float = 3e-3, seed:
                **({"decay_fraction": decay_fraction} if lr_schedule == "wsd" else {}),
                "seed": seed, "aux_weight": aux_weight,
                **({"aux_layer": aux_layer} if aux_layer is not None else {}),
+               **({"questions": questions} if task == "lockers" else {}),
                "aux": aux, "arch": {**ARCH, **(arch or {})}, "curriculum": curriculum or CURRICULUM,
                "first_loss": losses[0], "last_loss": float(np.mean(losses[-20:])), "losses": losses,
                "cpu_seconds": time.process_time() - started,
@@ -442,6 +512,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--aux-layer", type=int, default=None,
                         help="read the auxiliary targets after this many decoder layers "
                              "(default: after the last)")
+    parser.add_argument("--questions", choices=("causal", "apart"), default="causal",
+                        help="lockers: how the training sequence holds a video's questions: "
+                             "causal (one sequence, a question also sees the earlier ones) or "
+                             "apart (each question its own row against the video's keys and "
+                             "values, exactly as at inference)")
     parser.add_argument("--eval-every", type=int, default=0,
                         help="log held-out accuracy (full and isolated) every N steps")
     parser.add_argument("--hidden", type=int, default=ARCH["hidden"])
@@ -461,6 +536,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not 0 < args.decay_fraction <= 1:
         parser.error(f"--decay-fraction must lie in (0, 1], not {args.decay_fraction}")
+    if args.questions == "apart" and args.task != "lockers":
+        parser.error("--questions apart is for --task lockers")
     if args.aux_layer is not None and not 1 <= args.aux_layer <= args.layers:
         parser.error(f"--aux-layer must lie in 1..{args.layers} (--layers), not {args.aux_layer}")
     for name, value in TASK_DEFAULTS[args.task].items():
@@ -481,7 +558,8 @@ def main(argv: list[str] | None = None) -> int:
           task=args.task, eval_frames=args.eval_frames,
           max_cpu_seconds=args.max_cpu_minutes * 60 if args.max_cpu_minutes else None,
           max_wall_seconds=args.max_wall_minutes * 60 if args.max_wall_minutes else None,
-          lr_schedule=args.schedule, decay_fraction=args.decay_fraction, aux_layer=args.aux_layer)
+          lr_schedule=args.schedule, decay_fraction=args.decay_fraction, aux_layer=args.aux_layer,
+          questions=args.questions)
     return 0
 
 
