@@ -164,7 +164,13 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 # Checkpoints shipped inside the wheel: model id -> folder below the `statekv` package.
 # Resolved by path, so loading never imports the code that trained or evaluates them.
-BUNDLED: dict[str, tuple[str, ...]] = {"statekv/demo": ("demo", "checkpoint")}
+BUNDLED: dict[str, tuple[str, ...]] = {"statekv/demo": ("demo", "checkpoint"),
+                                       "statekv/demo-lockers": ("demo", "lockers_checkpoint")}
+# how to rebuild each bundled checkpoint from a source checkout (its training settings are in
+# its training.json)
+RETRAIN = {"statekv/demo": "python tools/train_demo.py",
+           "statekv/demo-lockers": "python tools/train_demo.py --task lockers "
+                                   "(the settings in the folder's training.json)"}
 
 
 def bundled_checkpoint(model: str) -> str:
@@ -175,7 +181,7 @@ def bundled_checkpoint(model: str) -> str:
     path = Path(str(folder))
     if not (path / "config.json").is_file() or not (path / "model.safetensors").is_file():
         raise ModelError(f"the bundled model {model} is missing from {path}; reinstall statekv "
-                         f"(or retrain the demo model with: python tools/train_demo.py)")
+                         f"(or retrain it with: {RETRAIN[model]})")
     return str(path)
 
 

@@ -23,37 +23,37 @@ DemoWindow = Annotated[int, typer.Option(
 @handle_errors
 def demo(
     frames: Annotated[int | None, typer.Option(
-        "--frames", help="Length of the generated video. Default: 32 (slots, the model was "
-        "trained on 32), 64 (lockers).")] = None,
+        "--frames", help="Length of the generated video. Default: 64 (lockers, the model's "
+        "longest training length), 32 (slots, trained on 32).")] = None,
     seed: Seed = 0, method: DemoMethod = "statekv",
     budget: Annotated[int | None, typer.Option(
-        "--budget", help="statekv: tokens carried per layer and KV head. Default: 64 "
-        "(slots: a frame is about 11 tokens), 1168 (lockers: 16 frames of 73 tokens, a quarter "
-        "of a 64-frame video).")] = None,
+        "--budget", help="statekv: tokens carried per layer and KV head. Default: 1150 "
+        "(lockers: a quarter of a 64-frame video's 4,601 tokens), 64 (slots: a frame is about "
+        "11 tokens).")] = None,
     window_frames: DemoWindow = 16, pin_prefix: PinPrefix = False, device: Device = "cpu",
     threads: Threads = None,
     events: Annotated[bool, typer.Option("--events", help="Also list what happens in the video.")] = False,
     json_output: Json = False, quiet: Quiet = False, debug: Debug = False,
     task: Annotated[str, typer.Option(
-        "--task", help="slots (the shipped demo model: 4 slots, 4 visual tokens a frame) or "
-        "lockers (64 visual tokens a frame, questions whose evidence is 1 to 100+ frames old; "
-        "needs --model, see docs/demo-task.md).")] = "slots",
+        "--task", help="lockers (the default: 64 visual tokens a frame, questions whose "
+        "evidence is 1 to 60 frames old at 64 frames, docs/demo-task.md) or slots (the first demo model: "
+        "4 slots, 4 visual tokens a frame). Both models ship with statekv.")] = "lockers",
     model: Annotated[str | None, typer.Option(
-        "--model", help="lockers: the checkpoint directory (tools/train_demo.py --task "
-        "lockers).")] = None,
+        "--model", help="lockers: another checkpoint directory (from tools/train_demo.py "
+        "--task lockers) instead of the shipped one.")] = None,
 ) -> None:
-    """Answer questions about a generated video with the shipped demo model (no download).
+    """Answer questions about a generated video with a shipped demo model (no download).
 
-    slots (the default): four screen slots get painted colours; glyphs (box, cup, hat, ball,
-    tree, sun) appear in a slot. "hat color?" asks the slot's colour when the hat appeared.
+    lockers (the default): a 4x4 grid of lockers gets painted colours, one event a frame;
+    glyphs (box, cup, hat, ball, tree, sun) appear in a locker. "hat color?" asks the locker's
+    colour when the hat appeared. Per answer: the evidence age (how many frames before the
+    glyph the colour was shown), the truth, the method's answer and full attention's.
 
-    lockers: the same questions on a 4x4 grid of lockers, one event a frame, and per answer
-    the evidence age (how many frames before the glyph the colour was shown) and full
-    attention's answer on the same video.
+    slots: the same questions on four screen slots, the first demo model.
 
-    Example: statekv demo --frames 32 --method statekv --budget 32
+    Example: statekv demo --frames 64 --method window --json
 
-    Example: statekv demo --task lockers --model lockers-ckpt --frames 64 --method window --json
+    Example: statekv demo --task slots --frames 32 --method statekv --budget 32
     """
     from statekv.demo.evaluation import load_demo, run_demo
 
@@ -123,12 +123,12 @@ def _ints(text: str, name: str) -> list[int]:
 def eval_(
     lengths: Annotated[str | None, typer.Option(
         "--lengths", help="Video lengths in frames, comma-separated; lockers takes one. Default: "
-        "32 (slots, the model was trained on 32), 128 (lockers).")] = None,
+        "64 (lockers, the model's longest training length), 32 (slots, trained on 32).")] = None,
     budgets: Annotated[str | None, typer.Option(
         "--budgets", help="Carried tokens for window, statekv and random, comma-separated "
-        "(window gets the same number of tokens). Default: 32,64,128 (slots: a frame is about "
-        "11), 292,1168,2304 (lockers: 4 and 16 frames of 73 tokens, and a quarter of a "
-        "128-frame video).")] = None,
+        "(window gets the same number of tokens). Default: 292,1150 (lockers: 4 frames of 73 "
+        "tokens, and a quarter of a 64-frame video), 32,64,128 (slots: a frame is about "
+        "11).")] = None,
     videos: Annotated[int | None, typer.Option(
         "--videos", help="Held-out test videos per length. Default: 16.")] = None,
     methods: Annotated[str | None, typer.Option(
@@ -171,10 +171,9 @@ def eval_(
     threads: Threads = None, json_output: Json = False, quiet: Quiet = False,
     debug: Debug = False, options: Any = None,
     task: Annotated[str, typer.Option(
-        "--task", help="slots (the shipped demo model) or lockers: accuracy by evidence age, "
-        "with window+pin, compute-matched windows and statekv's scoring variants (statekv-bidir, "
-        "statekv-decay); lockers needs --model (a checkpoint from tools/train_demo.py --task "
-        "lockers).")] = "slots",
+        "--task", help="lockers (the default): accuracy by evidence age, with window+pin, "
+        "compute-matched windows and statekv's scoring variants (statekv-bidir, statekv-decay), "
+        "on the shipped lockers model or --model DIR; slots: the first demo model.")] = "lockers",
 ) -> None:
     """Benchmark prefill methods against full attention on held-out synthetic videos, or
     (with --benchmark) on Video-MME or MLVU as downloaded.
@@ -182,13 +181,13 @@ def eval_(
     Prints the isolated floor first: if isolated prefill (no frame sees another) scores close
     to full attention, the benchmark cannot tell methods apart, and it says so.
 
-    Example: statekv eval --lengths 16,32 --budgets 32,64,128 --videos 32 --csv eval.csv --plot eval.png
+    Example: statekv eval --videos 32 --json --csv lockers.csv --plot lockers.png
+
+    Example: statekv eval --task slots --lengths 16,32 --budgets 32,64,128 --videos 32 --csv eval.csv --plot eval.png
 
     Example: statekv eval --benchmark videomme --data Video-MME --preset internvl3-1b --max-frames 512 --fps 1 --out videomme.jsonl
 
     Example: statekv eval --report videomme.jsonl
-
-    Example: statekv eval --task lockers --model lockers-ckpt --lengths 128 --budgets 1168,2304 --json
     """
     if report_path:
         from statekv_cli import benchmark as rendering

@@ -12,27 +12,26 @@ from statekv_cli.options import emit_json, err, method_label, out, prefill_line
 
 
 def load_lockers_model(model: str | None, device: str, threads: int | str | None = None):
-    """The lockers checkpoint: `--model DIR` (e.g. trained by tools/train_demo.py --task
-    lockers), float32, with `threads` as the command line resolves them."""
+    """The lockers checkpoint: the shipped one, or `--model DIR` (e.g. trained by
+    tools/train_demo.py --task lockers), float32, with `threads` as the command line resolves
+    them."""
     from statekv import threads as cpu_threads
-    from statekv.errors import UsageError
+    from statekv.demo.age_eval import LOCKERS_MODEL
     from statekv.session import load
 
-    if not model:
-        raise UsageError("--task lockers needs --model DIR: no lockers model ships with statekv "
-                         "yet; train one with: python tools/train_demo.py --task lockers --out DIR")
-    return load(model, device=device, dtype="float32", threads=cpu_threads.resolve(threads))
+    return load(model or LOCKERS_MODEL, device=device, dtype="float32",
+                threads=cpu_threads.resolve(threads))
 
 
 def eval_lockers(model: str | None, device: str, frames: int, budgets: list[int], videos: int,
                  methods: list[str], seed: int, csv_path: str | None, plot_path: str | None,
                  json_output: bool, quiet: bool, threads: int | str | None = None) -> None:
-    from statekv.demo.age_eval import plot_age, run_age_eval, write_age_csv
+    from statekv.demo.age_eval import LOCKERS_MODEL, plot_age, run_age_eval, write_age_csv
 
     progress = None if quiet or json_output else (lambda msg: err.print(msg, markup=False))
     report = run_age_eval(load_lockers_model(model, device, threads), frames=frames,
                           budgets=budgets, videos=videos, methods=methods, seed=seed,
-                          model_name=model or "",
+                          model_name=model or LOCKERS_MODEL,
                           on_progress=progress)
     if csv_path:
         write_age_csv(report, csv_path)
@@ -83,7 +82,8 @@ def demo_lockers(model: str | None, device: str, frames: int, seed: int, method:
     for column in ("question", "evidence age", "truth", method, "full", ""):
         table.add_column(column)
     for a in result.answers:
-        table.add_row(a.question, f"{a.evidence_age} frames", a.truth, a.answer, a.full_answer,
+        age = f"{a.evidence_age} frame" + ("" if a.evidence_age == 1 else "s")
+        table.add_row(a.question, age, a.truth, a.answer, a.full_answer,
                       "ok" if a.correct else "WRONG")
     out.print(table)
     out.print(f"{sum(a.correct for a in result.answers)}/{len(result.answers)} correct (full "

@@ -168,9 +168,7 @@ def test_option_validation():
     from statekv.errors import UsageError
 
     runner = CliRunner()
-    result = runner.invoke(app, ["eval", "--task", "lockers"])
-    assert result.exit_code == 2 and "--model" in result.output
-    result = runner.invoke(app, ["eval", "--task", "lockers", "--lengths", "64,128"])
+    result = runner.invoke(app, ["eval", "--lengths", "64,128"])  # lockers is the default task
     assert result.exit_code == 2 and "one length" in result.output
     result = runner.invoke(app, ["demo", "--task", "slots", "--model", "x"])
     assert result.exit_code == 2 and "--model" in result.output
@@ -182,3 +180,43 @@ def test_option_validation():
         age_specs([64], ["full", "bogus"])
     assert [s.label for s in age_specs([64], ["full", "window"])] == ["full", "window@64",
                                                                       "window@64+pin"]
+
+
+def test_demo_defaults_to_the_shipped_lockers_model():
+    from statekv.demo.age_eval import LOCKERS_MODEL
+    from statekv.loading import resolve_checkpoint
+
+    result = CliRunner().invoke(app, ["demo", "--frames", "16", "--json", "--threads", "1"])
+    assert result.exit_code == 0, result.output
+    record = json.loads(result.stdout)
+    video = lockers.generate_video(16, 0)
+    assert [a["evidence_age"] for a in record["answers"]] == [q.evidence_age for q in video.questions]
+    assert record["settings"]["model"] == LOCKERS_MODEL
+    assert "lockers_checkpoint" in resolve_checkpoint(LOCKERS_MODEL)
+    table = CliRunner().invoke(app, ["demo", "--frames", "16", "--method", "window"])
+    assert table.exit_code == 0 and "evidence age" in table.stdout
+
+
+@pytest.fixture(scope="module")
+def shipped_lockers():
+    from statekv_cli.lockers import load_lockers_model
+
+    return load_lockers_model(None, "cpu", 2)
+
+
+def test_shipped_lockers_weights_full_accuracy_and_isolated_floor(shipped_lockers):
+    # Fixed held-out 64-frame videos (the first 8 of the test split, 48 probes). The thresholds
+    # sit a few questions below what the shipped weights score on them (README's Fidelity
+    # section has the 32-video figures): room for the platform's float noise, not for a model
+    # that stopped fetching colours during prefill.
+    from statekv.demo.age_eval import run_age_eval
+
+    report = run_age_eval(shipped_lockers, frames=64, budgets=[292], videos=8,
+                          methods=["full", "isolated"], compute_matched=False)
+    rows = {r.label: r for r in report.rows}
+    full, isolated = rows["full"], rows["isolated"]
+    assert full.questions == 48
+    # measured: full 16/48 right, 13/26 beyond the window; isolated 7/48, 4/26 beyond
+    assert full.accuracy >= 13 / 48 and full.accuracy_beyond_window >= 10 / 26
+    assert isolated.accuracy_beyond_window <= full.accuracy_beyond_window - 0.2
+    assert isolated.accuracy <= 10 / 48

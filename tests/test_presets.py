@@ -56,6 +56,12 @@ def test_presets_ship_inside_the_wheel(tmp_path):
                and n.endswith(".yaml")}
     assert {p.name for p in list_presets()} <= shipped
     assert "statekv_cli/app.py" in names
+    from statekv.loading import BUNDLED
+
+    for folder in BUNDLED.values():  # both demo models, weights and processor files
+        base = "/".join(("statekv", *folder))
+        for file in ("config.json", "model.safetensors", "tokenizer.json", "processor_config.json"):
+            assert f"{base}/{file}" in names, (base, file)
 
 
 def test_parameter_counts_are_real_and_the_default_is_marked():
@@ -68,13 +74,19 @@ def test_parameter_counts_are_real_and_the_default_is_marked():
 
     presets = list_presets()
     assert all(p.parameters > 0 for p in presets)
-    # The demo preset's numbers are the shipped checkpoint's own tensor sizes.
-    weights = Path(__file__).resolve().parents[1] / "statekv/demo/checkpoint/model.safetensors"
-    with weights.open("rb") as f:
-        header = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
-    header.pop("__metadata__", None)
-    counted = sum(math.prod(t["shape"]) for t in header.values())
-    assert load_preset("demo").parameters == counted
+    # The demo presets' numbers are the shipped checkpoints' own tensor sizes.
+    counts = {}
+    for name, folder in (("demo", "checkpoint"), ("demo-lockers", "lockers_checkpoint")):
+        weights = Path(__file__).resolve().parents[1] / "statekv/demo" / folder / "model.safetensors"
+        with weights.open("rb") as f:
+            header = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
+        header.pop("__metadata__", None)
+        vision = sum(math.prod(t["shape"]) for k, t in header.items()
+                     if k.startswith(("vision_tower.", "multi_modal_projector.")))
+        counts[name] = sum(math.prod(t["shape"]) for t in header.values())
+        arch = load_preset(name).architecture
+        assert (arch.text_params, arch.vision_params) == (counts[name] - vision, vision), name
+    counted = counts["demo"]
     assert format_count(counted) != "0"
     listed = subprocess.run([sys.executable, "-m", "statekv_cli.app", "presets", "--json"],
                             capture_output=True, text=True, check=True).stdout

@@ -1,7 +1,7 @@
 """Write a lockers-task video (statekv.demo.lockers) to a file, e.g. to run `statekv recall` on it.
 
     python tools/lockers_video.py lockers.mp4 --frames 128 --seed 0
-    statekv recall lockers.mp4 --model lockers-ckpt --fps 1 --max-frames 128 --budgets 292,1168,2336
+    statekv recall lockers.mp4 --preset demo-lockers --fps 1 --max-frames 128 --budgets 292,1150,2304
 
 Frames are written at 1 fps, nearly lossless (h264, crf 0 in yuv444p), so the model sees
 what it was trained on.

@@ -208,14 +208,16 @@ def plan_run(path: str, options: RunOptions) -> RunPlan:
 
 
 def demo_warning(model: str, probe: Any) -> str | None:
-    """A one-line warning when the shipped demo model is pointed at a video that is not one
-    of its synthetic ones (those are FRAME_SIZE x FRAME_SIZE pixels): its answer means nothing."""
-    from statekv.demo.synthetic import FRAME_SIZE
+    """A one-line warning when a shipped demo model is pointed at a video that is not one of
+    its synthetic ones (square, of its task's frame size): its answer means nothing."""
+    from statekv.demo import lockers, synthetic
     from statekv.loading import BUNDLED
 
-    if model not in BUNDLED or (probe.width, probe.height) == (FRAME_SIZE, FRAME_SIZE):
+    size = {"statekv/demo": synthetic.FRAME_SIZE,
+            "statekv/demo-lockers": lockers.FRAME_SIZE}.get(model)
+    if model not in BUNDLED or size is None or (probe.width, probe.height) == (size, size):
         return None
-    return (f"the demo model only understands statekv's synthetic {FRAME_SIZE}x{FRAME_SIZE} "
+    return (f"the demo model {model} only understands statekv's synthetic {size}x{size} "
             f"videos (see `statekv demo`); on this {probe.width}x{probe.height} video its answers "
             f"are noise; use a real model, e.g. --preset {DEFAULT_PRESET}")
 

@@ -1,6 +1,11 @@
-"""The demo: a tiny model trained here, its synthetic videos and the fidelity evaluation.
+"""The demos: tiny models trained here, their synthetic videos and the fidelity evaluations.
 
-    synthetic.py    the synthetic world: videos of painted slots, questions, exact answers
-    evaluation.py   `statekv demo` and `statekv eval`: answers and accuracy per method
-    checkpoint/     the shipped weights (resolved by path in `statekv.loading`, no import)
+    lockers.py      the lockers world (the default demo): 64 visual tokens a frame, questions
+                    with controlled evidence ages, exact answers
+    age_eval.py     `statekv eval` / `statekv demo` on it: accuracy by evidence age per method
+    synthetic.py    the first world: videos of four painted slots, questions, exact answers
+    evaluation.py   `statekv eval --task slots` / `statekv demo --task slots`
+    lockers_checkpoint/, checkpoint/
+                    the two shipped models' weights (resolved by path in `statekv.loading`,
+                    no import)
 """

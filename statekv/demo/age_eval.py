@@ -28,13 +28,14 @@ TARGET_FLOOR_GAP = 0.20  # isolated >= 20 points below full beyond the window
 TARGET_STATEKV_GAP = 0.02  # statekv within 2 points of full overall
 TARGET_OVER_WINDOW = 0.10  # statekv >= window + 10 points beyond the window, equal budget
 BOOTSTRAP_ROUNDS = 1000
-# Defaults of `statekv eval --task lockers` and `statekv demo --task lockers`: 128-frame videos
-# (~9,240 tokens) with budgets of 4 and 16 frames (73 tokens each) and of a quarter of the
-# video; the demo's 64 frames (the longest training length) with a quarter of them (16 frames).
-EVAL_FRAMES = 128
-EVAL_BUDGETS = (292, 1168, 2304)
+# Defaults of `statekv eval` and `statekv demo` on the lockers task: 64-frame videos (the
+# shipped model's longest training length; 4,601 tokens) with budgets of 4 frames (73 tokens
+# each) and of a quarter of the video's tokens (the largest budget for the targets).
+LOCKERS_MODEL = "statekv/demo-lockers"  # the shipped lockers model (statekv.loading.BUNDLED)
+EVAL_FRAMES = 64
+EVAL_BUDGETS = (292, 1150)
 DEMO_FRAMES = 64
-DEMO_BUDGET = 1168
+DEMO_BUDGET = 1150
 
 
 @dataclass(frozen=True)
@@ -108,7 +109,7 @@ def age_specs(budgets: Sequence[int], methods: Sequence[str] = AGE_METHODS) -> l
         raise UsageError(f"unknown method(s) {', '.join(unknown)} for --methods; choose from "
                          f"{', '.join(AGE_METHODS)}")
     if not budgets or min(budgets) < 1:
-        raise UsageError("--budgets needs budgets of at least 1 token, e.g. --budgets 292,1168")
+        raise UsageError("--budgets needs budgets of at least 1 token, e.g. --budgets 292,1150")
     specs = [AgeSpec("full")] + ([AgeSpec("isolated")] if "isolated" in methods else [])
     for budget in budgets:
         for method in AGE_METHODS[2:]:
@@ -244,7 +245,7 @@ def verdict(report: AgeReport) -> tuple[str, dict[str, Any]]:
         return (f"the benchmark CANNOT discriminate: beyond a {report.window_frames}-frame window "
                 f"full attention scores {full.accuracy_beyond_window:.1%} (target >= chance "
                 f"{chance:.0%} + {TARGET_FULL_GAIN:.0%}) and the isolated floor is "
-                + ("unknown" if floor_gap is None else f"{floor_gap:+.1%} below it")
+                + ("unknown" if floor_gap is None else f"{floor_gap:.1%} below it")
                 + f" (target {TARGET_FLOOR_GAP:.0%}); method comparisons here are not findings"), findings
     quarter = report.tokens // 4
     parts = []
