@@ -216,6 +216,21 @@ def _frame_colours(video) -> list[str | None]:
             for e, colours in zip(video.events, synthetic.slot_colours(video.events))]
 
 
+def _embed(model, layout: Layout, processor, ids: torch.Tensor, videos) -> torch.Tensor:
+    """Token embeddings with the videos' frame features in their image-context slots."""
+    embeds = model.get_input_embeddings()(ids)
+    frames = np.concatenate([v.frames for v in videos])
+    cfg = model.config
+    features = model.model.get_image_features(
+        pixel_values=pixel_values(frames, processor),
+        vision_feature_layer=cfg.vision_feature_layer,
+        vision_feature_select_strategy=cfg.vision_feature_select_strategy,
+        return_dict=True).pooler_output
+    features = features.reshape(-1, features.shape[-1])
+    image = ids == layout.context_id
+    return embeds.masked_scatter(image.unsqueeze(-1), features.to(embeds.dtype))
+
+
 def forward_apart(model, layout: Layout, processor, videos, aux: str | None = None,
                   aux_layer: int | None = None):
     """As `forward`, with each question apart: the video runs once (one plain causal sequence,
@@ -238,17 +253,7 @@ def forward_apart(model, layout: Layout, processor, videos, aux: str | None = No
     assert all(len(ids) == video_len for ids, _ in rows), "a batch's videos must be equally long"
     ids_v = torch.tensor([ids for ids, _ in rows])
     tgt_v = torch.tensor([t for _, t in rows])
-    embeds = model.get_input_embeddings()(ids_v)
-    frames = np.concatenate([v.frames for v in videos])
-    cfg = model.config
-    features = model.model.get_image_features(
-        pixel_values=pixel_values(frames, processor),
-        vision_feature_layer=cfg.vision_feature_layer,
-        vision_feature_select_strategy=cfg.vision_feature_select_strategy,
-        return_dict=True).pooler_output
-    features = features.reshape(-1, features.shape[-1])
-    image = ids_v == layout.context_id
-    embeds = embeds.masked_scatter(image.unsqueeze(-1), features.to(embeds.dtype))
+    embeds = _embed(model, layout, processor, ids_v, videos)
     lm = model.model.language_model
     pos_v = torch.arange(video_len).expand(len(videos), -1)
     result = lm(inputs_embeds=embeds, position_ids=pos_v, use_cache=True,
@@ -291,17 +296,7 @@ def forward(model, layout: Layout, processor, videos, isolated: bool = False, au
     layers (through the final norm and the output head) instead of after the last, so what a
     frame's tokens fetch is in place early enough for the question's later layers to read it."""
     ids, pos, mask, targets, kinds = build_batch(videos, layout, isolated, aux, not causal)
-    embeds = model.get_input_embeddings()(ids)
-    frames = np.concatenate([v.frames for v in videos])
-    cfg = model.config
-    features = model.model.get_image_features(
-        pixel_values=pixel_values(frames, processor),
-        vision_feature_layer=cfg.vision_feature_layer,
-        vision_feature_select_strategy=cfg.vision_feature_select_strategy,
-        return_dict=True).pooler_output
-    features = features.reshape(-1, features.shape[-1])
-    image = ids == layout.context_id
-    embeds = embeds.masked_scatter(image.unsqueeze(-1), features.to(embeds.dtype))
+    embeds = _embed(model, layout, processor, ids, videos)
     lm = model.model.language_model
     result = lm(inputs_embeds=embeds, position_ids=pos,
                 attention_mask={"full_attention": mask, "sliding_attention": mask},
