@@ -86,7 +86,9 @@ def demo_lockers(model: str | None, device: str, frames: int, seed: int, method:
         table.add_row(a.question, age, a.truth, a.answer, a.full_answer,
                       "ok" if a.correct else "WRONG")
     out.print(table)
-    out.print(f"{sum(a.correct for a in result.answers)}/{len(result.answers)} correct (full "
-              f"attention on the same video: {result.full_correct}/{len(result.answers)})", markup=False)
+    line = f"{sum(a.correct for a in result.answers)}/{len(result.answers)} correct"
+    if result.full_correct is not None:
+        line += f" (full attention on the same video: {result.full_correct}/{len(result.answers)})"
+    out.print(line, markup=False)
     if not quiet:
         err.print(prefill_line(result.stats), markup=False)

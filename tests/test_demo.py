@@ -289,18 +289,24 @@ def test_training_schedules():
         train_demo.main(["--task", "lockers", "--schedule", "wsd", "--decay-fraction", "1.5"])
 
 
-def test_aux_layer_moves_only_the_auxiliary_read_out(tmp_path):
+@pytest.fixture(scope="module")
+def lockers_training():
+    """train_demo, an untrained lockers model, its processor and its token layout."""
+    train_demo = _train_module()
+    with tempfile.TemporaryDirectory() as tmp:
+        model, processor = train_demo.build_base(Path(tmp), 0, {**train_demo.LOCKERS_ARCH,
+                                                              "kv_heads": 2})
+    return train_demo, model, processor, train_demo.Layout(model, processor)
+
+
+def test_aux_layer_moves_only_the_auxiliary_read_out(lockers_training):
     # --aux-layer K: the auxiliary targets read the residual stream after K layers; the answer
     # positions still read the last layer, so their logits do not change.
     import torch
 
     from statekv.demo import lockers
 
-    train_demo = _train_module()
-    with tempfile.TemporaryDirectory() as tmp:
-        model, processor = train_demo.build_base(Path(tmp), 0, {**train_demo.LOCKERS_ARCH,
-                                                              "kv_heads": 2})
-    layout = train_demo.Layout(model, processor)
+    train_demo, model, processor, layout = lockers_training
     videos = [lockers.generate_video(8, lockers.split_seed("train", 0, 8))]
     with torch.no_grad():
         last = train_demo.forward(model, layout, processor, videos, aux="lockers", causal=True)
@@ -315,7 +321,7 @@ def test_aux_layer_moves_only_the_auxiliary_read_out(tmp_path):
     assert torch.equal(same[0], last[0])  # K = the last layer is the default read-out
 
 
-def test_questions_apart_equal_the_masked_layout(tmp_path):
+def test_questions_apart_equal_the_masked_layout(lockers_training):
     # --questions apart (the video once, each question its own row against the video's keys and
     # values) computes what the masked layout does (each question sees the video and itself,
     # at the same positions): the inference layout, without the dense mask.
@@ -323,11 +329,7 @@ def test_questions_apart_equal_the_masked_layout(tmp_path):
 
     from statekv.demo import lockers
 
-    train_demo = _train_module()
-    with tempfile.TemporaryDirectory() as tmp:
-        model, processor = train_demo.build_base(Path(tmp), 0, {**train_demo.LOCKERS_ARCH,
-                                                              "kv_heads": 2})
-    layout = train_demo.Layout(model, processor)
+    train_demo, model, processor, layout = lockers_training
     videos = [lockers.generate_video(12, lockers.split_seed("train", b, 12)) for b in range(2)]
     with torch.no_grad():
         apart = train_demo.forward_apart(model, layout, processor, videos, aux="lockers")

@@ -195,6 +195,11 @@ def test_demo_defaults_to_the_shipped_lockers_model():
     assert "lockers_checkpoint" in resolve_checkpoint(LOCKERS_MODEL)
     table = CliRunner().invoke(app, ["demo", "--frames", "16", "--method", "window"])
     assert table.exit_code == 0 and "evidence age" in table.stdout
+    assert "full attention on the same video" in table.stdout
+    full = CliRunner().invoke(app, ["demo", "--frames", "16", "--method", "full", "--json"])
+    record = json.loads(full.stdout)  # full is its own reference, as in the slots demo
+    assert record["full_correct"] is None
+    assert all(a["full_answer"] == a["answer"] for a in record["answers"])
 
 
 @pytest.fixture(scope="module")

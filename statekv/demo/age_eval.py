@@ -334,7 +334,7 @@ def run_lockers_demo(model, frames: int = DEMO_FRAMES, seed: int = 0, method: st
     return DemoResult(seed, frames, method, session.settings.budget, session.settings.window_frames,
                       answers, [describe(e) for e in video.events if e.kind != "empty"],
                       session.stats.to_dict(), session.settings.to_dict(),
-                      sum(a.full_answer == a.truth for a in answers))
+                      None if method == "full" else sum(a.full_answer == a.truth for a in answers))
 
 
 def write_age_csv(report: AgeReport, path: str) -> None:
