@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import itertools
 import json
 import tempfile
 from pathlib import Path
@@ -280,7 +281,7 @@ def test_training_schedules():
     wsd = [train_demo.lr_factor(s, steps, "wsd", 0.2) for s in range(steps)]
     assert cosine[0] == wsd[0] < 0.1
     assert all(abs(w - 1.0) < 1e-12 for w in wsd[100:800])
-    assert all(a >= b for a, b in zip(wsd[800:], wsd[801:]))  # decays monotonically
+    assert all(a >= b for a, b in itertools.pairwise(wsd[800:]))  # decays monotonically
     assert abs(wsd[-1] - 0.05) < 1e-3 and abs(cosine[-1] - 0.05) < 1e-3
     assert cosine[500] < 0.6 < wsd[500]
     with pytest.raises(ValueError):
@@ -345,7 +346,7 @@ def test_questions_apart_equal_the_masked_layout(lockers_training):
     (m_ans, m_t), (m_rest, m_rt) = split(masked)
     assert torch.equal(a_t, m_t) and len(a_t) == sum(len(v.questions) for v in videos)
     assert torch.allclose(a_ans, m_ans, atol=1e-5)
-    order = lambda t: torch.sort(t.sum(-1)).values  # noqa: E731 (rows come in another order)
+    order = lambda t: torch.sort(t.sum(-1)).values  # rows come in another order
     assert torch.equal(torch.sort(a_rt).values, torch.sort(m_rt).values)
     assert torch.allclose(order(a_rest), order(m_rest), atol=1e-3)
     # the one-sequence layout differs: its later questions also see the earlier ones

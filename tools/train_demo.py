@@ -109,6 +109,26 @@ def pixel_values(frames: np.ndarray, processor) -> torch.Tensor:
     return (x - mean) / std
 
 
+def question_block(layout: Layout, question) -> tuple[list[int], list[int], list[int]]:
+    """One question's tokens (question, answer, end of turn), targets and kinds: the last
+    question token predicts the answer (its kind marked), the answer the end of turn."""
+    qids = layout.question(question.text) + [layout.answer(question.answer)]
+    block = qids + [layout.eos]
+    targets, kinds = [-100] * len(block), [-1] * len(block)
+    targets[len(qids) - 2], targets[len(qids) - 1] = qids[-1], layout.eos
+    kinds[len(qids) - 2] = synthetic.KINDS.index(question.kind)
+    return block, targets, kinds
+
+
+def aux_hidden(lm, result, aux_layer: int | None) -> torch.Tensor | None:
+    """The normed residual after `aux_layer` decoder layers (None: the last layer's output,
+    which `last_hidden_state` already is). `result.hidden_states` holds the embeddings, then
+    each layer's output, the last one already normed."""
+    if aux_layer is None or aux_layer >= len(result.hidden_states) - 1:
+        return None
+    return lm.norm(result.hidden_states[aux_layer])
+
+
 def build_batch(videos, layout: Layout, isolated: bool = False, aux: str | None = None,
                 with_mask: bool = True):
     """ids (B, L), position ids (B, L), mask (B, 1, L, L) bool, targets (B, L) (-100 = no loss),
@@ -126,16 +146,11 @@ def build_batch(videos, layout: Layout, isolated: bool = False, aux: str | None 
         pos = list(range(video_len))
         kinds = [-1] * video_len
         for j, q in enumerate(v.questions):
-            qids = layout.question(q.text) + [layout.answer(q.answer)]
-            block = qids + [layout.eos]
+            block, t, k = question_block(layout, q)
             ids += block
             seg += [-(j + 1)] * len(block)
             pos += list(range(video_len, video_len + len(block)))
-            t = [-100] * len(block)
-            t[len(qids) - 2], t[len(qids) - 1] = qids[-1], layout.eos
             targets += t
-            k = [-1] * len(block)
-            k[len(qids) - 2] = synthetic.KINDS.index(q.kind)
             kinds += k
         rows.append((ids, seg, pos, targets, kinds, video_len))
     length = max(len(r[0]) for r in rows)
@@ -246,8 +261,7 @@ def forward_apart(model, layout: Layout, processor, videos, aux: str | None = No
             targets += target
         rows.append((ids, targets))
         for q in v.questions:
-            qids = layout.question(q.text) + [layout.answer(q.answer)]
-            blocks.append((qids + [layout.eos], len(qids), synthetic.KINDS.index(q.kind)))
+            blocks.append(question_block(layout, q))
             owners.append(b)
     video_len = len(rows[0][0])
     assert all(len(ids) == video_len for ids, _ in rows), "a batch's videos must be equally long"
@@ -258,20 +272,18 @@ def forward_apart(model, layout: Layout, processor, videos, aux: str | None = No
     pos_v = torch.arange(video_len).expand(len(videos), -1)
     result = lm(inputs_embeds=embeds, position_ids=pos_v, use_cache=True,
                 output_hidden_states=aux_layer is not None)
-    hidden_v = result.last_hidden_state
-    if aux_layer is not None and aux_layer < len(result.hidden_states) - 1:
-        hidden_v = lm.norm(result.hidden_states[aux_layer])
+    early = aux_hidden(lm, result, aux_layer)  # the video part holds only auxiliary targets
+    hidden_v = result.last_hidden_state if early is None else early
     cache = result.past_key_values
     cache.batch_select_indices(torch.tensor(owners))  # one copy of its video per question
     width = max(len(ids) for ids, _, _ in blocks)
     ids_q = torch.full((len(blocks), width), layout.eos, dtype=torch.long)
     tgt_q = torch.full((len(blocks), width), -100, dtype=torch.long)
     kind_q = torch.full((len(blocks), width), -1, dtype=torch.long)
-    for j, (ids, answer_at, kind) in enumerate(blocks):
+    for j, (ids, targets, kinds) in enumerate(blocks):
         ids_q[j, :len(ids)] = torch.tensor(ids)
-        # the last question token predicts the answer, the answer predicts the end of turn
-        tgt_q[j, answer_at - 2], tgt_q[j, answer_at - 1] = ids[answer_at - 1], layout.eos
-        kind_q[j, answer_at - 2] = kind
+        tgt_q[j, :len(ids)] = torch.tensor(targets)
+        kind_q[j, :len(ids)] = torch.tensor(kinds)
     pos_q = torch.arange(video_len, video_len + width).expand(len(blocks), -1)
     hidden_q = lm(inputs_embeds=model.get_input_embeddings()(ids_q), position_ids=pos_q,
                   past_key_values=cache, use_cache=True).last_hidden_state
@@ -303,11 +315,10 @@ def forward(model, layout: Layout, processor, videos, isolated: bool = False, au
                 use_cache=False, output_hidden_states=aux_layer is not None)
     hidden = result.last_hidden_state
     supervised = targets != -100
-    # hidden_states: the embeddings, then each layer's output (the last one already normed)
-    if aux_layer is not None and aux_layer < len(result.hidden_states) - 1:
+    early = aux_hidden(lm, result, aux_layer)
+    if early is not None:  # the auxiliary positions read the earlier layer
         auxiliary = supervised & (kinds < 0) & (targets != layout.eos)
-        hidden = torch.where(auxiliary.unsqueeze(-1), lm.norm(result.hidden_states[aux_layer]),
-                             hidden)
+        hidden = torch.where(auxiliary.unsqueeze(-1), early, hidden)
     logits = model.get_output_embeddings()(hidden[supervised])
     return logits, targets[supervised], kinds[supervised]
 

@@ -211,11 +211,10 @@ def demo_warning(model: str, probe: Any) -> str | None:
     """A one-line warning when a shipped demo model is pointed at a video that is not one of
     its synthetic ones (square, of its task's frame size): its answer means nothing."""
     from statekv.demo import lockers, synthetic
-    from statekv.loading import BUNDLED
 
-    size = {"statekv/demo": synthetic.FRAME_SIZE,
+    size = {"statekv/demo": synthetic.FRAME_SIZE,  # the bundled models (statekv.loading.BUNDLED)
             "statekv/demo-lockers": lockers.FRAME_SIZE}.get(model)
-    if model not in BUNDLED or size is None or (probe.width, probe.height) == (size, size):
+    if size is None or (probe.width, probe.height) == (size, size):
         return None
     return (f"the demo model {model} only understands statekv's synthetic {size}x{size} "
             f"videos (see `statekv demo`); on this {probe.width}x{probe.height} video its answers "
